@@ -1,0 +1,1 @@
+"""Collector plugins (stevedore namespace ``cloudkitty_proc.collectors``)."""

@@ -1,0 +1,85 @@
+"""The collector contract.
+
+A collector answers one question: for one metric definition, one scope and
+one period [begin, end), which series exist and what is their quantity?
+Plugins implement :meth:`BaseCollector.fetch`; the base class turns the raw
+series into :class:`~cloudkitty_proc.dataframe.DataPoint` objects (groupby /
+metadata split, unit conversion and mutate exactly as CloudKitty does).
+
+Threading: ``retrieve()`` is called concurrently from the worker's collect
+executor (eventlet green threads by default, or real threads). A plugin must
+therefore be safe to call concurrently and must only do *green* I/O:
+``eventlet.import_patched("requests")`` or ``eventlet.green`` modules, never
+global monkey patching (see doc/source/design.rst). CPU-only plugins (the
+file collector) need nothing special.
+
+Errors: any failure to obtain a *complete* answer raises
+:class:`~cloudkitty_proc.exceptions.CollectError`; the period is then not
+committed and the scope state does not move. An empty answer (no series)
+is *not* an error: it is "no data" and is committed as an empty period.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import decimal
+from collections.abc import Iterable, Mapping
+
+from oslo_config import cfg
+
+from cloudkitty_proc.dataframe import DataPoint
+from cloudkitty_proc.exceptions import CollectError
+from cloudkitty_proc.metrics_conf import MetricDef, MetricsConf
+
+ZERO = decimal.Decimal(0)
+
+RawSeries = tuple[Mapping[str, str], str]
+"""(labels, raw value as the backend returned it, e.g. "12.5")."""
+
+
+class BaseCollector(abc.ABC):
+    #: voluptuous schema (a dict) of the ``extra_args`` this collector
+    #: accepts in metrics.yml; None accepts anything.
+    extra_args_schema: dict | None = None
+
+    def __init__(self, conf: cfg.ConfigOpts, metrics: MetricsConf) -> None:
+        self.conf = conf
+        self.metrics = metrics
+        self.scope_key: str = conf.collect.scope_key
+
+    @abc.abstractmethod
+    def fetch(self, metric: MetricDef, scope_id: str,
+              begin: datetime.datetime, end: datetime.datetime) -> Iterable[RawSeries]:
+        """Return every series of ``metric`` for ``scope_id`` in [begin, end).
+
+        One item per distinct combination of the metric's groupby+metadata
+        labels, already aggregated over the period (CloudKitty's
+        ``<agg>(<agg>_over_time(...)) by (...)``). Raise CollectError on any
+        failure. Called concurrently; see the module docstring.
+        """
+
+    def retrieve(self, metric: MetricDef, scope_id: str,
+                 begin: datetime.datetime, end: datetime.datetime) -> list[DataPoint]:
+        """fetch() + conversion into DataPoints (price 0)."""
+        points = []
+        unit = metric.unit
+        for labels, raw in self.fetch(metric, scope_id, begin, end):
+            try:
+                qty = metric.convert(raw)
+            except ValueError as exc:
+                raise CollectError(f"malformed value in reply: {exc}", metric=metric.label,
+                                   scope_id=scope_id, kind="malformed") from None
+            if qty < 0 and not metric.extra_args.get("range_function"):
+                # Usage is never negative; a negative value is a broken
+                # exporter or backend, not something to bill.
+                raise CollectError(f"negative quantity {raw!r} in reply",
+                                   metric=metric.label, scope_id=scope_id, kind="malformed")
+            groupby = {key: str(labels.get(key, "")) for key in metric.groupby}
+            groupby[self.scope_key] = scope_id
+            metadata = {key: str(labels.get(key, "")) for key in metric.metadata}
+            points.append(DataPoint(unit, qty, ZERO, groupby, metadata))
+        return points
+
+    def close(self) -> None:
+        """Release connections (called when the worker stops)."""

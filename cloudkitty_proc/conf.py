@@ -1,0 +1,309 @@
+"""Every configuration option of cloudkitty_proc, in one place.
+
+All options live on the global ``oslo_config.cfg.CONF`` (oslo.messaging
+misbehaves with a private ``ConfigOpts``, see doc/source/design.rst).
+``list_opts()`` is the ``oslo.config.opts`` entry point used by
+``oslo-config-generator --namespace cloudkitty_proc``.
+
+Option names follow CloudKitty's wherever CloudKitty has the same option, so
+an operator can carry a ``cloudkitty.conf`` section over unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from oslo_config import cfg
+
+CONF = cfg.CONF
+
+default_opts = [
+    cfg.StrOpt(
+        "host",
+        default=socket.gethostname(),
+        sample_default="<hostname>",
+        help="Name of this host. Used as the RPC server name prefix "
+        "(<host>-<worker_id>) and as the coordination member id.",
+    ),
+    cfg.StrOpt(
+        "state_path",
+        default="/var/lib/cloudkitty-proc",
+        help="Directory where the daemon keeps its local state (SQLite "
+        "database and file locks with the default settings).",
+    ),
+]
+
+orchestrator_opts = [
+    cfg.StrOpt(
+        "coordination_url",
+        default="file://$state_path/locks",
+        secret=True,
+        help="tooz coordination backend URL used for the per-scope locks. "
+        "file:// works on one host only; use redis://, etcd3+http:// or "
+        "zookeeper:// when several hosts process the same scopes.",
+    ),
+    cfg.IntOpt(
+        "max_workers",
+        default=os.cpu_count() or 1,
+        sample_default="<number of CPUs>",
+        min=0,
+        help="Number of Orchestrator worker processes. 0 runs no worker "
+        "(useful to keep only the other services of the daemon).",
+    ),
+    cfg.IntOpt(
+        "max_greenthreads",
+        default=16,
+        min=1,
+        help="Concurrent collector queries per worker.",
+    ),
+    cfg.StrOpt(
+        "collect_executor",
+        default="greenpool",
+        choices=[
+            ("greenpool", "eventlet GreenPool with green HTTP (no monkey "
+             "patching)"),
+            ("threads", "a ThreadPoolExecutor of max_greenthreads threads"),
+        ],
+        help="How a worker runs its concurrent collector queries.",
+    ),
+    cfg.IntOpt(
+        "max_periods_per_lock",
+        default=48,
+        min=1,
+        help="How many periods a worker processes for one scope before it "
+        "releases the scope lock and moves on, so that a scope with months "
+        "to catch up does not starve the others.",
+    ),
+    cfg.FloatOpt(
+        "poll_interval",
+        default=30.0,
+        min=0.1,
+        help="Seconds a worker sleeps between two passes over the scopes "
+        "when it found nothing to do.",
+    ),
+    cfg.IntOpt(
+        "lookahead_periods",
+        default=4,
+        min=1,
+        help="How many periods of a locked scope a worker collects ahead "
+        "while it rates and commits earlier ones. Periods are always "
+        "committed in time order.",
+    ),
+]
+
+collect_opts = [
+    cfg.StrOpt(
+        "collector",
+        default="prometheus",
+        help="Collector plugin (stevedore namespace "
+        "cloudkitty_proc.collectors): prometheus or file.",
+    ),
+    cfg.IntOpt(
+        "period",
+        default=3600,
+        min=1,
+        help="Rating period in seconds.",
+    ),
+    cfg.IntOpt(
+        "wait_periods",
+        default=2,
+        min=0,
+        help="Number of periods to wait before a period is collected, so "
+        "that late data has arrived in the metrics backend.",
+    ),
+    cfg.StrOpt(
+        "metrics_conf",
+        default="/etc/cloudkitty-proc/metrics.yml",
+        help="Metrics definition file (CloudKitty's metrics.yml format).",
+    ),
+    cfg.StrOpt(
+        "scope_key",
+        default="project_id",
+        help="Label that identifies a scope in the collected data.",
+    ),
+    cfg.StrOpt(
+        "begin",
+        help="ISO 8601 time of the first period of a scope seen for the "
+        "first time. Unset: the start of the current month (UTC), as "
+        "CloudKitty does.",
+    ),
+    cfg.StrOpt(
+        "end",
+        help="ISO 8601 time; periods starting at or after it are never "
+        "processed. Unset: no bound (the normal daemon behaviour). Useful "
+        "to rate a fixed window of history.",
+    ),
+]
+
+fetcher_opts = [
+    cfg.StrOpt(
+        "backend",
+        default="source",
+        help="Scope fetcher plugin (stevedore namespace "
+        "cloudkitty_proc.fetchers): source or prometheus.",
+    ),
+]
+
+fetcher_source_opts = [
+    cfg.ListOpt(
+        "sources",
+        default=[],
+        help="Static list of scope ids to process.",
+    ),
+]
+
+_prometheus_common_opts = [
+    cfg.StrOpt(
+        "prometheus_url",
+        default="http://127.0.0.1:9090",
+        help="Prometheus server URL (without /api/v1).",
+    ),
+    cfg.StrOpt(
+        "prometheus_user",
+        help="User name for HTTP basic authentication.",
+    ),
+    cfg.StrOpt(
+        "prometheus_password",
+        secret=True,
+        help="Password for HTTP basic authentication.",
+    ),
+    cfg.StrOpt(
+        "cafile",
+        help="CA bundle used to verify the server certificate.",
+    ),
+    cfg.BoolOpt(
+        "insecure",
+        default=False,
+        help="Do not verify the server certificate.",
+    ),
+    cfg.FloatOpt(
+        "timeout",
+        default=60.0,
+        min=0.1,
+        help="Timeout in seconds of one HTTP request.",
+    ),
+]
+
+fetcher_prometheus_opts = [
+    *(_opt for _opt in _prometheus_common_opts),
+    cfg.StrOpt(
+        "metric",
+        help="Metric whose series carry the scope ids.",
+    ),
+    cfg.StrOpt(
+        "scope_attribute",
+        default="project_id",
+        help="Label of that metric which holds the scope id.",
+    ),
+    cfg.DictOpt(
+        "filters",
+        default={},
+        help="Label filters applied to the metric (key:value,...).",
+    ),
+]
+
+collector_prometheus_opts = [
+    *(_opt for _opt in _prometheus_common_opts),
+    cfg.IntOpt(
+        "retries",
+        default=3,
+        min=0,
+        help="Retries of a failed query (timeouts, 5xx, connection errors) "
+        "with exponential backoff before the period is left for the next "
+        "pass.",
+    ),
+    cfg.FloatOpt(
+        "max_backoff",
+        default=10.0,
+        min=0,
+        help="Upper bound in seconds of the wait between two retries.",
+    ),
+]
+
+collector_file_opts = [
+    cfg.StrOpt(
+        "path",
+        help="OpenMetrics text file holding timestamped samples.",
+    ),
+]
+
+database_opts = [
+    cfg.StrOpt(
+        "connection",
+        default="sqlite:///$state_path/cloudkitty-proc.sqlite",
+        secret=True,
+        help="SQLAlchemy URL of the database holding states and rated "
+        "data (sqlite, postgresql+psycopg2, mysql+pymysql).",
+    ),
+]
+
+storage_opts = [
+    cfg.StrOpt(
+        "backend",
+        default="sql",
+        help="Storage plugin (stevedore namespace cloudkitty_proc.storage).",
+    ),
+]
+
+rating_opts = [
+    cfg.ListOpt(
+        "processors",
+        default=["hashmap"],
+        help="Rating processors (stevedore namespace "
+        "cloudkitty_proc.rating), applied in this order.",
+    ),
+]
+
+hashmap_opts = [
+    cfg.StrOpt(
+        "rules_file",
+        default="/etc/cloudkitty-proc/rating.yml",
+        help="YAML file holding the hashmap rating rules.",
+    ),
+]
+
+metrics_opts = [
+    cfg.StrOpt(
+        "listen",
+        help="host:port where /metrics and /healthz are served. Unset: no "
+        "HTTP endpoint.",
+    ),
+]
+
+_GROUPS = [
+    ("DEFAULT", default_opts),
+    ("orchestrator", orchestrator_opts),
+    ("collect", collect_opts),
+    ("fetcher", fetcher_opts),
+    ("fetcher_source", fetcher_source_opts),
+    ("fetcher_prometheus", fetcher_prometheus_opts),
+    ("collector_prometheus", collector_prometheus_opts),
+    ("collector_file", collector_file_opts),
+    ("database", database_opts),
+    ("storage", storage_opts),
+    ("rating", rating_opts),
+    ("hashmap", hashmap_opts),
+    ("metrics", metrics_opts),
+]
+
+_registered = False
+
+
+def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
+    """Register every option on ``conf`` (idempotent)."""
+    global _registered
+    if _registered and conf is CONF:
+        return
+    for group, opts in _GROUPS:
+        conf.register_opts(opts, group=None if group == "DEFAULT" else group)
+    if conf is CONF:
+        _registered = True
+
+
+def list_opts():
+    """Entry point for oslo-config-generator."""
+    return [(None if g == "DEFAULT" else g, list(opts)) for g, opts in _GROUPS]
+
+
+register_opts()

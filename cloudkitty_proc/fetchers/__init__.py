@@ -1,0 +1,1 @@
+"""Scope fetcher plugins (stevedore namespace ``cloudkitty_proc.fetchers``)."""

@@ -1,0 +1,300 @@
+"""metrics.yml: CloudKitty's metric definition format, loaded and validated.
+
+The file maps each metric name to one definition or a non-empty list of
+definitions::
+
+    metrics:
+      cpu:
+        unit: instance
+        alt_name: instance
+        groupby: [id, user_id]
+        metadata: [flavor_name]
+        mutate: NUMBOOL
+        extra_args: {aggregation_method: max}
+
+Conversion of a collected value follows CloudKitty exactly: the raw value is
+read as a Decimal in a context of 9 significant digits rounding half up,
+multiplied by ``factor`` and added to ``offset`` in that context, then
+mutated (NONE, NUMBOOL, NOTNUMBOOL, FLOOR, CEIL, MAP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import fractions
+import math
+from typing import Any
+
+import voluptuous as vol
+import yaml
+
+from cloudkitty_proc.exceptions import ConfigError
+
+MUTATORS = ("NONE", "NUMBOOL", "NOTNUMBOOL", "FLOOR", "CEIL", "MAP")
+
+# CloudKitty's Prometheus collector extra_args. The file collector accepts
+# the same keys so that one metrics.yml serves both.
+AGGREGATION_METHODS = ("avg", "count", "max", "min", "stddev", "stdvar", "sum")
+QUERY_FUNCTIONS = ("abs", "ceil", "exp", "floor", "ln", "log2", "log10",
+                   "round", "sqrt")
+RANGE_FUNCTIONS = ("changes", "delta", "deriv", "idelta", "irange", "irate",
+                   "rate")
+
+PROMQL_EXTRA_ARGS = {
+    vol.Required("aggregation_method", default="max"): vol.In(AGGREGATION_METHODS),
+    vol.Optional("query_function"): vol.In(QUERY_FUNCTIONS),
+    vol.Optional("range_function"): vol.In(RANGE_FUNCTIONS),
+    vol.Required("query_prefix", default=""): str,
+    vol.Required("query_suffix", default=""): str,
+}
+
+_CONVERT_CTX = decimal.Context(prec=9, rounding=decimal.ROUND_HALF_UP)
+
+
+def _number(value: Any) -> int | float | fractions.Fraction:
+    if isinstance(value, bool):
+        raise vol.Invalid("expected a number, got a boolean")
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return fractions.Fraction(value.strip())
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise vol.Invalid(f"expected an int, a float or a fraction like "
+                      f"\"1/1024\", got {value!r}")
+
+
+def _num2decimal(num: int | float | fractions.Fraction) -> decimal.Decimal:
+    # Same as cloudkitty.utils.num2decimal: fractions go through float.
+    if isinstance(num, fractions.Fraction):
+        num = float(num)
+    return decimal.Decimal(num)
+
+
+_NONEMPTY_STR = vol.All(str, vol.Length(min=1))
+
+METRIC_SCHEMA = vol.Schema({
+    vol.Required("unit"): _NONEMPTY_STR,
+    vol.Required("factor", default=1): _number,
+    vol.Required("offset", default=0): _number,
+    vol.Optional("alt_name"): _NONEMPTY_STR,
+    vol.Required("groupby", default=list): [_NONEMPTY_STR],
+    vol.Required("metadata", default=list): [_NONEMPTY_STR],
+    vol.Required("mutate", default="NONE"): vol.In(MUTATORS),
+    vol.Optional("mutate_map"): dict,
+    vol.Optional("description"): str,
+    vol.Required("extra_args", default=dict): dict,
+})
+
+
+def to_decimal(value: Any) -> decimal.Decimal:
+    """As CloudKitty's DataPoint does: floats go through str()."""
+    if isinstance(value, decimal.Decimal):
+        return value
+    if isinstance(value, float):
+        return decimal.Decimal(str(value))
+    return decimal.Decimal(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricDef:
+    """One definition of a metric (a metric may have several)."""
+
+    name: str
+    unit: str
+    factor: int | float | fractions.Fraction = 1
+    offset: int | float | fractions.Fraction = 0
+    alt_name: str | None = None
+    groupby: tuple[str, ...] = ()
+    metadata: tuple[str, ...] = ()
+    mutate: str = "NONE"
+    mutate_map: dict | None = None
+    description: str | None = None
+    extra_args: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def usage_type(self) -> str:
+        return self.alt_name or self.name
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name this definition."""
+        if self.alt_name and self.alt_name != self.name:
+            return f"{self.name} (as {self.alt_name})"
+        return self.name
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_dfactor", _num2decimal(self.factor))
+        object.__setattr__(self, "_doffset", _num2decimal(self.offset))
+
+    def convert(self, raw: str | float | int | decimal.Decimal) -> decimal.Decimal:
+        """Raw collected value → quantity (factor, offset, mutate).
+
+        Raises ValueError for a value that is not a finite number.
+        """
+        try:
+            value = decimal.Decimal(raw) if not isinstance(raw, float) else decimal.Decimal(repr(raw))
+        except (decimal.InvalidOperation, TypeError, ValueError):
+            raise ValueError(f"not a number: {raw!r}") from None
+        if not value.is_finite():
+            raise ValueError(f"not a finite number: {raw!r}")
+        with decimal.localcontext(_CONVERT_CTX):
+            qty = (+value) * self._dfactor + self._doffset  # type: ignore[attr-defined]
+        return to_decimal(self._mutate(qty))
+
+    def _mutate(self, value: decimal.Decimal) -> Any:
+        mode = self.mutate
+        if mode == "NONE":
+            return value
+        if mode == "NUMBOOL":
+            return float(value != 0)
+        if mode == "NOTNUMBOOL":
+            return float(value == 0)
+        if mode == "FLOOR":
+            return math.floor(value)
+        if mode == "CEIL":
+            return math.ceil(value)
+        # MAP: Decimal, int and float of equal value hash alike.
+        return (self.mutate_map or {}).get(value, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConf:
+    path: str
+    metrics: tuple[MetricDef, ...]
+
+    def __iter__(self):
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+    def usage_types(self) -> list[str]:
+        return sorted({m.usage_type for m in self.metrics})
+
+    def by_usage_type(self) -> dict[str, MetricDef]:
+        return {m.usage_type: m for m in self.metrics}
+
+
+def _where(path: str, metric: str, index: int | None) -> str:
+    where = f"{path}: metric '{metric}'"
+    if index is not None:
+        where += f" (definition {index})"
+    return where
+
+
+def _invalid_msg(exc: vol.Invalid) -> str:
+    key = ".".join(str(p) for p in exc.path) if exc.path else ""
+    msg = exc.msg
+    if msg == "extra keys not allowed":
+        msg = "unknown key"
+    elif msg == "required key not provided":
+        msg = "required key missing"
+    return f"key '{key}': {msg}" if key else msg
+
+
+def parse_metrics(data: Any, *, path: str = "<metrics.yml>",
+                  scope_key: str = "project_id",
+                  extra_args_schema: dict | None = None) -> MetricsConf:
+    """Validate a parsed metrics.yml document. Raises ConfigError."""
+    if not isinstance(data, dict) or "metrics" not in data:
+        raise ConfigError(f"{path}: top-level key 'metrics' is missing")
+    extra = set(data) - {"metrics"}
+    if extra:
+        raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(map(str, extra)))}")
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict) or not metrics:
+        raise ConfigError(f"{path}: 'metrics' must map metric names to definitions "
+                          "and hold at least one metric")
+    extra_schema = vol.Schema(extra_args_schema or {}, extra=vol.ALLOW_EXTRA
+                              if extra_args_schema is None else vol.PREVENT_EXTRA)
+    out: list[MetricDef] = []
+    seen_types: dict[str, str] = {}
+    for name, body in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}: metric name {name!r} must be a non-empty string")
+        if isinstance(body, list):
+            if not body:
+                raise ConfigError(f"{_where(path, name, None)}: an empty list of definitions")
+            defs = list(enumerate(body))
+        else:
+            defs = [(None, body)]
+        for index, raw in defs:
+            where = _where(path, name, index)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where}: a definition must be a mapping")
+            try:
+                conf = METRIC_SCHEMA(raw)
+            except vol.Invalid as exc:
+                raise ConfigError(f"{where}: {_invalid_msg(exc)}") from None
+            try:
+                extra_args = extra_schema(conf["extra_args"])
+            except vol.Invalid as exc:
+                exc.path = ["extra_args", *exc.path]
+                raise ConfigError(f"{where}: {_invalid_msg(exc)}") from None
+            if conf["mutate"] == "MAP":
+                mmap = conf.get("mutate_map")
+                if not mmap:
+                    raise ConfigError(f"{where}: key 'mutate_map': required (and "
+                                      "non-empty) when mutate is MAP")
+                for k, v in mmap.items():
+                    try:
+                        _number(k)
+                        _number(v)
+                    except vol.Invalid as exc:
+                        raise ConfigError(f"{where}: key 'mutate_map.{k}': {exc.msg}") from None
+            elif conf.get("mutate_map"):
+                raise ConfigError(f"{where}: key 'mutate_map': only allowed with mutate: MAP")
+            groupby = list(dict.fromkeys(conf["groupby"]))
+            if scope_key not in groupby:
+                groupby.append(scope_key)
+            mdef = MetricDef(
+                name=name,
+                unit=conf["unit"],
+                factor=conf["factor"],
+                offset=conf["offset"],
+                alt_name=conf.get("alt_name"),
+                groupby=tuple(groupby),
+                metadata=tuple(dict.fromkeys(conf["metadata"])),
+                mutate=conf["mutate"],
+                mutate_map={_map_key(k): v for k, v in conf["mutate_map"].items()}
+                if conf.get("mutate_map") else None,
+                description=conf.get("description"),
+                extra_args=extra_args,
+            )
+            other = seen_types.get(mdef.usage_type)
+            if other is not None:
+                raise ConfigError(
+                    f"{where}: usage type '{mdef.usage_type}' is already produced by "
+                    f"metric '{other}'; give one of them another alt_name")
+            seen_types[mdef.usage_type] = name
+            out.append(mdef)
+    return MetricsConf(path=path, metrics=tuple(out))
+
+
+def _map_key(key: Any) -> Any:
+    if isinstance(key, str):
+        return decimal.Decimal(key) if "/" not in key else _num2decimal(fractions.Fraction(key))
+    return key
+
+
+def load_metrics_conf(path: str, *, scope_key: str = "project_id",
+                      extra_args_schema: dict | None = None) -> MetricsConf:
+    """Read and validate a metrics.yml file. Raises ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: metrics file not found "
+                          "(set [collect] metrics_conf)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read metrics file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
+    return parse_metrics(data, path=path, scope_key=scope_key,
+                         extra_args_schema=extra_args_schema)

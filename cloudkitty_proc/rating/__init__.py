@@ -1,0 +1,1 @@
+"""Rating processor plugins (stevedore namespace ``cloudkitty_proc.rating``)."""
