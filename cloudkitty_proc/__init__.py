@@ -4,6 +4,6 @@ import warnings
 
 # eventlet prints a plain Warning at import time; it is not actionable for
 # our users (we use it only for a GreenPool, see doc/source/design.rst).
-warnings.filterwarnings("ignore", message="Eventlet is deprecated")
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 
 __version__ = "0.1.0"

@@ -26,6 +26,13 @@ default_opts = [
         help="Name of this host. Used as the RPC server name prefix "
         "(<host>-<worker_id>) and as the coordination member id.",
     ),
+    cfg.IntOpt(
+        "graceful_shutdown_timeout",
+        default=60,
+        min=0,
+        help="Seconds a worker may take to finish the period in flight "
+        "after SIGTERM before it is killed. 0 waits forever.",
+    ),
     cfg.StrOpt(
         "state_path",
         default="/var/lib/cloudkitty-proc",

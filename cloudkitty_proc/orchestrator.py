@@ -1,0 +1,467 @@
+"""The Orchestrator: one worker's scope loop, and its cotyledon Service.
+
+One pass of a worker (``Worker.run_pass``)::
+
+    fetcher.get_scopes() ─► states (one query) ─► for each due scope:
+        tooz lock (non-blocking, hashed name) ─► re-read the state under the lock
+        ─► collect periods ahead in the executor (every metric concurrently)
+        ─► in time order: rate (stevedore chain) ─► storage.commit_period(
+               frame, expected_version)   # rows + state, one fenced transaction
+        ─► at most [orchestrator] max_periods_per_lock periods ─► release
+
+Invariants kept here (see doc/source/design.rst): periods of a scope are
+committed in time order and only after every metric of the period was
+collected; a collect error stops the scope for this pass without moving its
+state; a stale commit (another worker progressed) drops the frame; one scope
+failing never stops the others.
+
+Threads: cotyledon calls ``Orchestrator.run`` on a thread of its own; every
+I/O object (storage, collector, executor, coordinator) is created and used
+on that thread only. ``terminate`` and ``reload`` are called from signal
+threads: they only set events that the run thread acts on between periods.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cotyledon
+from oslo_config import cfg
+
+from cloudkitty_proc import faults, plugins, utils
+from cloudkitty_proc.dataframe import DataFrame
+from cloudkitty_proc.exceptions import (CollectError, ConfigError,
+                                        StaleStateError)
+from cloudkitty_proc.executor import make_executor
+from cloudkitty_proc.fetchers.base import FetchError
+from cloudkitty_proc.log import ContextLogger, mask_url
+from cloudkitty_proc.storage.base import ScopeState
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class ScopeResult:
+    committed: int = 0
+    attempted: bool = False
+    error: bool = False
+    more_due: bool = False
+
+
+@dataclass
+class PassResult:
+    worked: bool = False
+    pending: bool = False
+    committed: int = 0
+    errors: int = 0
+
+
+def first_period(conf: cfg.ConfigOpts) -> datetime.datetime:
+    if conf.collect.begin:
+        return utils.parse_time(conf.collect.begin, what="[collect] begin")
+    return utils.month_start()
+
+
+def end_bound(conf: cfg.ConfigOpts) -> datetime.datetime | None:
+    if conf.collect.end:
+        return utils.parse_time(conf.collect.end, what="[collect] end")
+    return None
+
+
+def next_start(state: ScopeState | None, period: int,
+               begin: datetime.datetime) -> datetime.datetime:
+    if state is None or state.last_processed is None:
+        return begin
+    return state.last_processed + datetime.timedelta(seconds=period)
+
+
+def is_due(start: datetime.datetime, now: datetime.datetime, period: int,
+           wait_periods: int, end: datetime.datetime | None) -> bool:
+    """The period starting at ``start`` may be collected now.
+
+    CloudKitty's rule (start + wait_periods × period < now), except that a
+    period is never collected before it has ended, even with wait_periods=0.
+    """
+    if end is not None and start >= end:
+        return False
+    return start + datetime.timedelta(seconds=period * max(wait_periods, 1)) < now
+
+
+class Worker:
+    """The scope loop of one worker, independent of cotyledon (testable)."""
+
+    def __init__(self, conf: cfg.ConfigOpts, worker_name: str, *,
+                 storage: Any, collector: Any, fetcher: Any, rating_chain: Sequence[Any],
+                 coordinator: Any, executor: Any, oneshot: bool = False,
+                 run_started: datetime.datetime | None = None,
+                 stop_event: threading.Event | None = None,
+                 wake_event: threading.Event | None = None,
+                 safe_point: Any = None,
+                 worker_index: int = 0, worker_count: int = 1) -> None:
+        self.conf = conf
+        self.name = worker_name
+        self.storage = storage
+        self.collector = collector
+        self.fetcher = fetcher
+        self.rating_chain = list(rating_chain)
+        self.coordinator = coordinator
+        self.executor = executor
+        self.oneshot = oneshot
+        self.run_started = run_started or utils.utcnow()
+        self.stop_event = stop_event or threading.Event()
+        # set to cut an idle sleep short (stop, reload, new work)
+        self.wake_event = wake_event or threading.Event()
+        # called between scopes, where a reload may be applied safely
+        self.safe_point = safe_point
+        self.worker_index = worker_index
+        self.worker_count = max(worker_count, 1)
+        self.log = ContextLogger(LOG, worker_name)
+        self._known_scopes: list[str] = []
+        self.period = conf.collect.period
+        self.begin = first_period(conf)
+        self.end = end_bound(conf)
+
+    # -- one pass over every scope ---------------------------------------
+    def run_pass(self) -> PassResult:
+        result = PassResult()
+        try:
+            scopes = self.fetcher.get_scopes()
+            self._known_scopes = scopes
+        except FetchError as exc:
+            self.log.error("cannot list scopes, using the %d known ones: %s",
+                           len(self._known_scopes), mask_url(exc))
+            scopes = self._known_scopes
+            result.pending = True
+        if not scopes:
+            return result
+        states = self.storage.get_states(scopes)
+        now = utils.utcnow()
+        # Workers start at different offsets so they rarely contend.
+        offset = (self.worker_index * len(scopes)) // self.worker_count
+        order = scopes[offset:] + scopes[:offset]
+        for scope_id in order:
+            if self.stop_event.is_set():
+                result.pending = True
+                break
+            if self.safe_point is not None:
+                self.safe_point()
+            state = states.get(scope_id)
+            start = next_start(state, self.period, self.begin)
+            if not is_due(start, now, self.period, self.conf.collect.wait_periods, self.end):
+                continue
+            if state is not None and not state.active:
+                continue
+            if self.oneshot and self._failed_this_run(state):
+                continue
+            res = self.process_scope(scope_id)
+            if res is None:  # locked by another worker
+                result.pending = True
+                continue
+            result.worked |= res.attempted
+            result.pending |= res.more_due
+            result.committed += res.committed
+            result.errors += int(res.error)
+        return result
+
+    def _failed_this_run(self, state: ScopeState | None) -> bool:
+        return (state is not None and state.last_error_at is not None
+                and state.last_error_at >= self.run_started)
+
+    # -- one scope, under its lock ---------------------------------------
+    def process_scope(self, scope_id: str) -> ScopeResult | None:
+        """Process the due periods of one scope. None if its lock is held."""
+        log = self.log.for_scope(scope_id)
+        lock = self.coordinator.get_lock(utils.lock_name(scope_id))
+        try:
+            acquired = lock.acquire(blocking=False)
+        except Exception as exc:  # tooz backend unreachable
+            log.warning("cannot take the scope lock: %s", mask_url(exc))
+            return None
+        if not acquired:
+            return None
+        try:
+            return self._process_locked(scope_id, log)
+        finally:
+            try:
+                lock.release()
+            except Exception as exc:  # lease lost; the fenced commit protected us
+                log.warning("releasing the scope lock failed: %s", mask_url(exc))
+
+    def _process_locked(self, scope_id: str, log: ContextLogger) -> ScopeResult:
+        res = ScopeResult()
+        try:
+            state = self.storage.get_state(scope_id)  # fresh, under the lock
+        except Exception as exc:
+            log.error("cannot read the scope state: %s", mask_url(exc))
+            res.error = True
+            return res
+        if not state.active:
+            return res
+        now = utils.utcnow()
+        limit = self.conf.orchestrator.max_periods_per_lock
+        starts: list[datetime.datetime] = []
+        start = next_start(state, self.period, self.begin)
+        wait = self.conf.collect.wait_periods
+        while is_due(start, now, self.period, wait, self.end):
+            if len(starts) == limit:
+                res.more_due = True
+                break
+            starts.append(start)
+            start += datetime.timedelta(seconds=self.period)
+        if not starts:
+            return res
+        res.attempted = True
+        version = state.version
+        metrics = list(self.collector.metrics)
+        delta = datetime.timedelta(seconds=self.period)
+        pending: collections.deque = collections.deque()
+        upcoming = iter(starts)
+        lookahead = self.conf.orchestrator.lookahead_periods
+
+        def submit_next() -> None:
+            begin = next(upcoming, None)
+            if begin is None:
+                return
+            end = begin + delta
+            handles = [(m, self.executor.submit(self.collector.retrieve, m, scope_id, begin, end))
+                       for m in metrics]
+            pending.append((begin, end, handles, time.monotonic()))
+
+        for _ in range(lookahead):
+            submit_next()
+        try:
+            while pending:
+                if self.stop_event.is_set():
+                    res.more_due = True
+                    break
+                begin, end, handles, t0 = pending.popleft()
+                frame = DataFrame(scope_id, begin, end)
+                try:
+                    for mdef, handle in handles:
+                        frame.add_points(mdef.usage_type, handle.result())
+                except CollectError as exc:
+                    self._fail(log, scope_id, begin, "collect", exc, kind=exc.kind)
+                    res.error = True
+                    _drain(handles)
+                    break
+                except Exception as exc:  # a collector bug: same treatment
+                    log.exception("collector failed for period %s", begin.isoformat())
+                    self._fail(log, scope_id, begin, "collect", exc, kind="error")
+                    res.error = True
+                    _drain(handles)
+                    break
+                submit_next()  # keep the pool busy while we rate and store
+                try:
+                    for processor in self.rating_chain:
+                        frame = processor.process(frame)
+                except Exception as exc:
+                    log.exception("rating failed for period %s", begin.isoformat())
+                    self._fail(log, scope_id, begin, "rating", exc, kind="rating")
+                    res.error = True
+                    break
+                faults.point("before_commit")
+                try:
+                    version = self.storage.commit_period(frame, version, worker=self.name)
+                except StaleStateError as exc:
+                    log.warning("period %s not committed, another worker moved the "
+                                "scope on (%s); dropping it", begin.isoformat(), exc)
+                    break
+                except Exception as exc:
+                    log.error("storing period %s failed: %s", begin.isoformat(), mask_url(exc))
+                    self._fail(log, scope_id, begin, "storage", exc, kind="storage")
+                    res.error = True
+                    break
+                res.committed += 1
+                log.info("committed period %s: %d datapoints, price %s, %.3f s",
+                         begin.isoformat(), len(frame), utils.decimal_str(frame.total_price()),
+                         time.monotonic() - t0)
+        finally:
+            for _b, _e, handles, _t in pending:
+                _drain(handles)
+        return res
+
+    def _fail(self, log: ContextLogger, scope_id: str, begin: datetime.datetime,
+              stage: str, exc: BaseException, *, kind: str) -> None:
+        message = f"{stage} of period {begin.isoformat()} failed: {mask_url(exc)}"
+        log.warning("%s; state stays, retried on a later pass", message)
+        try:
+            self.storage.record_error(scope_id, message, kind)
+        except Exception as err:  # the DB itself may be what failed
+            log.error("cannot record the error: %s", mask_url(err))
+
+    # -- the loop ----------------------------------------------------------
+    def loop(self, on_idle=None) -> None:
+        """Run passes until stopped. ``on_idle(idle: bool)`` is called after
+        each pass with True when the pass found nothing to do or wait for."""
+        while not self.stop_event.is_set():
+            try:
+                result = self.run_pass()
+            except Exception as exc:
+                self.log.error("pass failed: %s", mask_url(exc))
+                result = PassResult(pending=True, errors=1)
+                self.stop_event.wait(min(5.0, self.conf.orchestrator.poll_interval))
+            idle = not result.worked and not result.pending
+            if on_idle is not None:
+                on_idle(idle)
+            if result.worked:
+                continue
+            if self.oneshot:
+                wait = 0.2 if result.pending else 0.5
+            else:
+                wait = self.conf.orchestrator.poll_interval
+            self.wake_event.wait(wait * random.uniform(0.8, 1.2))
+            self.wake_event.clear()
+
+
+def _drain(handles) -> None:
+    for _m, handle in handles:
+        try:
+            handle.result()
+        except Exception:  # noqa: S110 - the first error was reported
+            pass
+
+
+def start_coordinator(conf: cfg.ConfigOpts, member_id: str):
+    from tooz import coordination
+
+    url = conf.orchestrator.coordination_url
+    if url.startswith("file://"):
+        os.makedirs(url[len("file://"):].split("?", 1)[0], exist_ok=True)
+    coord = coordination.get_coordinator(url, member_id.encode())
+    coord.start(start_heart=True)
+    return coord
+
+
+class Orchestrator(cotyledon.Service):
+    """One worker process. See the module docstring for the threads."""
+
+    name = "cloudkitty-proc-orchestrator"
+
+    def __init__(self, worker_id: int, oneshot: bool = False, done_flags: Any = None,
+                 run_started: datetime.datetime | None = None, worker_count: int = 1) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.conf = cfg.CONF
+        self.oneshot = oneshot
+        self.done_flags = done_flags
+        self.run_started = run_started
+        self.worker_count = worker_count
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._wake = threading.Event()
+        self._reload = threading.Event()
+        self.worker: Worker | None = None
+        self._coordinator = None
+        self._executor = None
+        if done_flags is not None:
+            done_flags[worker_id] = 0
+
+    @property
+    def worker_name(self) -> str:
+        return f"{self.conf.host}-{self.worker_id}"
+
+    def run(self) -> None:
+        """Runs on a thread cotyledon spawned; returns when stopped."""
+        conf = self.conf
+        try:
+            storage = plugins.load_storage(conf)
+            collector = plugins.load_collector(conf)
+            fetcher = plugins.load_fetcher(conf)
+            chain = plugins.load_rating_chain(conf)
+            self._executor = make_executor(conf.orchestrator.collect_executor,
+                                           conf.orchestrator.max_greenthreads)
+            self._coordinator = start_coordinator(
+                conf, f"{self.worker_name}-{os.getpid()}")
+        except ConfigError as exc:
+            LOG.error("worker %s cannot start: %s", self.worker_name, exc)
+            os._exit(2)
+        self.worker = Worker(
+            conf, self.worker_name, storage=storage, collector=collector,
+            fetcher=fetcher, rating_chain=chain, coordinator=self._coordinator,
+            executor=self._executor, oneshot=self.oneshot, run_started=self.run_started,
+            stop_event=self._stop, wake_event=self._wake, safe_point=self._safe_point,
+            worker_index=self.worker_id,
+            worker_count=self.worker_count)
+        LOG.info("worker %s started (%s executor, %d concurrent queries)", self.worker_name,
+                 self._executor.name, self._executor.size)
+        try:
+            self.worker.loop(on_idle=self._on_idle)
+        finally:
+            self._shutdown_resources()
+            self._finished.set()
+
+    def _safe_point(self) -> None:
+        if self._reload.is_set():
+            self._reload.clear()
+            self._apply_reload()
+
+    def _on_idle(self, idle: bool) -> None:
+        self._safe_point()
+        if self.done_flags is not None:
+            self.done_flags[self.worker_id] = 1 if idle else 0
+
+    def _apply_reload(self) -> None:
+        """At a safe point between passes: re-read config files and rules.
+        Invalid new rules or metrics keep the ones in force."""
+        assert self.worker is not None
+        try:
+            self.conf.reload_config_files()
+        except Exception as exc:
+            LOG.error("worker %s: config reload failed, keeping the current one: %s",
+                      self.worker_name, exc)
+            return
+        for processor in self.worker.rating_chain:
+            try:
+                processor.reload()
+            except Exception as exc:
+                LOG.error("worker %s: %s rules not reloaded, keeping the current ones: %s",
+                          self.worker_name, type(processor).__name__, exc)
+        try:
+            collector = plugins.load_collector(self.conf)
+        except ConfigError as exc:
+            LOG.error("worker %s: metrics not reloaded, keeping the current ones: %s",
+                      self.worker_name, exc)
+        else:
+            old, self.worker.collector = self.worker.collector, collector
+            old.close()
+        LOG.info("worker %s reloaded its configuration", self.worker_name)
+
+    def _shutdown_resources(self) -> None:
+        if self.worker is not None:
+            for obj in (self.worker.collector, self.worker.fetcher, self.worker.storage):
+                try:
+                    obj.close()
+                except Exception:  # noqa: S110
+                    pass
+        if self._executor is not None:
+            try:
+                self._executor.close()
+            except Exception:  # noqa: S110
+                pass
+        if self._coordinator is not None:
+            try:
+                self._coordinator.stop()  # frees every lock at once
+            except Exception:  # noqa: S110
+                pass
+
+    def terminate(self) -> None:
+        """Signal thread: stop after the period in flight, within
+        graceful_shutdown_timeout (cotyledon kills us after that)."""
+        self._stop.set()
+        self._wake.set()
+        self._finished.wait(max(self.conf.graceful_shutdown_timeout, 1))
+
+    def reload(self) -> None:
+        """Signal thread (SIGHUP): applied by the run thread between passes
+        (cotyledon's oslo_config glue reloads the master only)."""
+        self._reload.set()
+        self._wake.set()

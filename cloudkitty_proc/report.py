@@ -1,0 +1,113 @@
+"""Human and machine views of the store: oneshot summary, status, export."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import decimal
+import json
+from collections.abc import Iterable
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cloudkitty_proc import utils
+from cloudkitty_proc.storage.base import RatedRow, ScopeState
+
+EXPORT_COLUMNS = ("scope_id", "begin", "end", "type", "unit", "qty", "price",
+                  "groupby", "metadata")
+MAX_SUMMARY_ROWS = 24
+
+
+def row_record(row: RatedRow) -> dict[str, Any]:
+    """The export record of CONTRACTS §5."""
+    return {
+        "scope_id": row.scope_id,
+        "begin": utils.isoformat(row.begin),
+        "end": utils.isoformat(row.end),
+        "type": row.type,
+        "unit": row.unit,
+        "qty": utils.decimal_str(row.qty),
+        "price": utils.decimal_str(row.price),
+        "groupby": row.groupby,
+        "metadata": row.metadata,
+    }
+
+
+def write_export(rows: Iterable[RatedRow], out: IO[str], fmt: str = "jsonl") -> int:
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(EXPORT_COLUMNS)
+        for row in rows:
+            rec = row_record(row)
+            rec["groupby"] = json.dumps(rec["groupby"], sort_keys=True, separators=(",", ":"))
+            rec["metadata"] = json.dumps(rec["metadata"], sort_keys=True, separators=(",", ":"))
+            writer.writerow([rec[c] for c in EXPORT_COLUMNS])
+            count += 1
+        return count
+    dumps = json.JSONEncoder(sort_keys=False, separators=(", ", ": ")).encode
+    for row in rows:
+        out.write(dumps(row_record(row)))
+        out.write("\n")
+        count += 1
+    return count
+
+
+def _fmt_time(dt: datetime.datetime | None) -> str:
+    return utils.isoformat(dt) if dt else "-"
+
+
+def state_records(states: dict[str, ScopeState], period: int,
+                  now: datetime.datetime | None = None) -> list[dict[str, Any]]:
+    now = now or utils.utcnow()
+    out = []
+    for scope_id in sorted(states):
+        st = states[scope_id]
+        lag = None
+        if st.last_processed is not None:
+            lag = int((now - (st.last_processed + datetime.timedelta(seconds=period)))
+                      .total_seconds())
+        out.append({
+            "scope_id": scope_id,
+            "last_processed": _fmt_time(st.last_processed) if st.last_processed else None,
+            "lag_seconds": lag,
+            "active": st.active,
+            "last_error": st.last_error,
+            "last_error_kind": st.last_error_kind,
+            "last_error_at": _fmt_time(st.last_error_at) if st.last_error_at else None,
+            "last_commit_at": _fmt_time(st.last_commit_at) if st.last_commit_at else None,
+        })
+    return out
+
+
+def print_oneshot_summary(storage: Any, run_started: datetime.datetime,
+                          elapsed: float, console: Console | None = None) -> int:
+    """Print what the store holds after a --oneshot run; return the exit
+    code: 1 if a scope failed during this run, else 0."""
+    console = console or Console(soft_wrap=True)
+    states = storage.get_states(None)
+    summary = storage.summary()
+    failed = {sid: st for sid, st in states.items()
+              if st.last_error and st.last_error_at and st.last_error_at >= run_started}
+    table = Table(title=f"cloudkitty-proc --oneshot: {len(states)} scopes, {elapsed:.1f} s")
+    for col in ("scope", "type", "periods", "datapoints", "qty", "price"):
+        table.add_column(col, justify="right" if col not in ("scope", "type") else "left")
+    total = decimal.Decimal(0)
+    for item in summary[:MAX_SUMMARY_ROWS]:
+        table.add_row(item.scope_id, item.type, str(item.periods), str(item.points),
+                      utils.decimal_str(item.qty), utils.decimal_str(item.price))
+    for item in summary:
+        total += item.price
+    if len(summary) > MAX_SUMMARY_ROWS:
+        table.add_row(f"… {len(summary) - MAX_SUMMARY_ROWS} more rows", "", "", "", "", "")
+    console.print(table)
+    last = [st.last_processed for st in states.values() if st.last_processed]
+    console.print(f"total price: {utils.decimal_str(total)}; "
+                  f"last period start: {_fmt_time(max(last)) if last else '-'}")
+    for sid, st in sorted(failed.items())[:10]:
+        console.print(f"[red]scope {sid} failed[/red]: {st.last_error}")
+    if len(failed) > 10:
+        console.print(f"[red]… and {len(failed) - 10} more failed scopes[/red]")
+    return 1 if failed else 0

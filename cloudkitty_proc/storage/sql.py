@@ -1,0 +1,517 @@
+"""The ``sql`` storage: SQLite, PostgreSQL and MySQL/MariaDB (SQLAlchemy Core).
+
+How the invariants of ``storage/base.py`` are kept:
+
+1. Exactly once: ``commit_period`` runs the state compare-and-set, the
+   ``rated_period`` row and every ``rated_data`` row (one executemany) in one
+   transaction; ``UNIQUE(scope_id, begin)`` on ``rated_period`` is a second,
+   database-side guard against rating a period twice.
+2. Fenced: ``UPDATE scope_state SET version = version + 1 ... WHERE
+   scope_id = :s AND version = :expected``; 0 rows matched → rollback and
+   StaleStateError. A scope without a row has version 0: the first commit
+   INSERTs the row, and a duplicate key there means another worker won.
+
+Engines are created lazily, on first use, in the process that uses them: a
+storage object may be built before the daemon forks its workers. If an
+object built (and used) in a parent is used again after a fork, the
+inherited pools are dropped without touching the parent's connections and
+new engines are created.
+
+SQLite (one host, several worker processes on one file): WAL journal (readers
+never block the writer nor each other), a 60 s busy timeout, synchronous
+NORMAL, and two engines: the writer starts every transaction with ``BEGIN
+IMMEDIATE`` so it takes the write lock up front (a deferred transaction that
+reads then writes can fail with "database is locked" whatever the busy
+timeout: the read lock cannot be upgraded while another writer waits), the
+reader uses plain deferred ``BEGIN`` and never takes the write lock.
+PostgreSQL, MySQL/MariaDB: one engine, READ COMMITTED, ``pool_pre_ping``.
+
+Threading: one storage object per process, used from the worker's main
+thread (``base.py``); an ``iter_rated`` generator holds one connection of the
+reader pool until it is exhausted or closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from oslo_config import cfg
+from sqlalchemy import event, exc as sa_exc
+
+from cloudkitty_proc import faults, utils
+from cloudkitty_proc.dataframe import DataFrame
+from cloudkitty_proc.exceptions import SchemaError, StaleStateError
+from cloudkitty_proc.storage import models
+from cloudkitty_proc.storage.base import BaseStorage, RatedRow, ScopeState, TypeSummary
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+UPGRADE_HINT = "run `cloudkitty-proc-manage db upgrade`"
+
+#: SQLite busy timeout: how long a writer waits for the write lock
+SQLITE_BUSY_TIMEOUT = 60.0
+#: rows fetched per round trip by the streaming readers
+STREAM_CHUNK = 5000
+#: scope ids per ``IN (...)`` in get_states
+_IN_CHUNK = 500
+#: longest error message kept in scope_state.last_error
+MAX_ERROR_LENGTH = 4000
+
+#: Exact addition of decimals (summary totals never round)
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX,
+                         Emin=decimal.MIN_EMIN, traps=[decimal.InvalidOperation])
+
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+_loads = json.loads
+
+_state_t = models.scope_state
+_period_t = models.rated_period
+_data_t = models.rated_data
+
+
+@dataclasses.dataclass(frozen=True)
+class RatedPeriod:
+    """One committed (scope, period), empty periods included."""
+
+    scope_id: str
+    begin: datetime.datetime
+    end: datetime.datetime
+    points: int
+    price: decimal.Decimal
+    committed_at: datetime.datetime
+    worker: str
+
+
+def alembic_config(url: str | sa.URL | None = None) -> AlembicConfig:
+    """An Alembic config for the storage migrations, built without an ini
+    file. ``url`` is only used when no connection is passed in
+    ``config.attributes["connection"]`` (the alembic command line)."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", MIGRATIONS_DIR)
+    if url is not None:
+        if isinstance(url, sa.URL):
+            url = url.render_as_string(hide_password=False)
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+_head_revision: str | None = None
+
+
+def head_revision() -> str:
+    """The revision the code expects (the newest migration)."""
+    global _head_revision
+    if _head_revision is None:
+        _head_revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _head_revision
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def _naive(dt: datetime.datetime | None) -> datetime.datetime | None:
+    return None if dt is None else utils.to_naive_utc(dt)
+
+
+def _exact_sum(values: Iterable[decimal.Decimal]) -> decimal.Decimal:
+    total = decimal.Decimal(0)
+    add = _EXACT.add
+    for value in values:
+        total = add(total, value)
+    return total
+
+
+def _sqlite_is_memory(url: sa.URL) -> bool:
+    database = url.database or ""
+    return (database in ("", ":memory:") or url.query.get("mode") == "memory"
+            or "mode=memory" in database)
+
+
+def _sqlite_engine(url: sa.URL, *, begin_sql: str) -> sa.Engine:
+    kwargs: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT}
+    if _sqlite_is_memory(url):
+        # one shared connection, or every connection sees its own database
+        kwargs["poolclass"] = sa.pool.StaticPool
+        connect_args["check_same_thread"] = False
+    engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+    busy_ms = int(SQLITE_BUSY_TIMEOUT * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # pysqlite's own transaction handling would BEGIN (deferred) lazily
+        # before DML only: take control of BEGIN, emitted below
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        connection.exec_driver_sql(begin_sql)
+
+    return engine
+
+
+class SQLStorage(BaseStorage):
+    """Scope states and rated data in one SQL database.
+
+    ``SQLStorage(conf)`` uses ``[database] connection``; ``url=`` overrides
+    it (tests, tools). Nothing connects before the first call.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts | None = None, *,
+                 url: str | sa.URL | None = None) -> None:
+        super().__init__(conf)
+        if url is None:
+            if conf is None:
+                raise ValueError("SQLStorage needs a conf or a url")
+            url = conf.database.connection
+        self.url: sa.URL = sa.make_url(url)
+        self._writer: sa.Engine | None = None
+        self._reader: sa.Engine | None = None
+        self._pid: int | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLStorage({self.url.render_as_string(hide_password=True)!r})"
+
+    # -- engines ---------------------------------------------------------
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.get_backend_name() == "sqlite"
+
+    def _engines(self) -> tuple[sa.Engine, sa.Engine]:
+        pid = os.getpid()
+        if self._writer is not None and self._pid != pid:
+            # inherited through fork: forget the parent's pooled connections
+            # without closing them (they are the parent's, still in use)
+            self._drop_engines(close=False)
+        if self._writer is None:
+            self._create_engines()
+            self._pid = pid
+        return self._writer, self._reader
+
+    def _create_engines(self) -> None:
+        if self.is_sqlite:
+            if not _sqlite_is_memory(self.url) and not self.url.query.get("uri"):
+                directory = os.path.dirname(os.path.abspath(self.url.database))
+                os.makedirs(directory, exist_ok=True)
+            writer = _sqlite_engine(self.url, begin_sql="BEGIN IMMEDIATE")
+            if _sqlite_is_memory(self.url):
+                reader = writer
+            else:
+                reader = _sqlite_engine(self.url, begin_sql="BEGIN")
+        else:
+            kwargs: dict[str, Any] = {"pool_pre_ping": True,
+                                      "isolation_level": "READ COMMITTED"}
+            if self.url.get_backend_name() in ("mysql", "mariadb"):
+                kwargs["pool_recycle"] = 3600
+            writer = reader = sa.create_engine(self.url, **kwargs)
+        self._writer, self._reader = writer, reader
+
+    def _drop_engines(self, *, close: bool) -> None:
+        engines = {id(e): e for e in (self._writer, self._reader) if e is not None}
+        self._writer = self._reader = None
+        for engine in engines.values():
+            engine.dispose(close=close)
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The engine of write transactions (created on first use)."""
+        return self._engines()[0]
+
+    @property
+    def reader_engine(self) -> sa.Engine:
+        """The engine of read-only queries (the writer's except on SQLite)."""
+        return self._engines()[1]
+
+    def dispose(self) -> None:
+        """Close every pooled connection; the next call reconnects."""
+        if self._writer is not None:
+            self._drop_engines(close=self._pid == os.getpid())
+
+    def close(self) -> None:
+        self.dispose()
+
+    # -- schema ---------------------------------------------------------
+    def upgrade(self) -> None:
+        """``alembic upgrade head`` in one transaction (idempotent)."""
+        config = alembic_config(self.url)
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def current_revision(self) -> str | None:
+        """The schema revision of the database; None when not created."""
+        with self.reader_engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    @staticmethod
+    def head_revision() -> str:
+        return head_revision()
+
+    def check_schema(self) -> None:
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            raise SchemaError(
+                f"database schema is at revision {current or 'none (empty database)'}, "
+                f"expected {head}: {UPGRADE_HINT}")
+
+    # -- states ---------------------------------------------------------
+    @staticmethod
+    def _state(row: sa.Row) -> ScopeState:
+        return ScopeState(
+            scope_id=row.scope_id,
+            last_processed=utils.from_db(row.last_processed),
+            version=row.version,
+            active=bool(row.active),
+            last_error=row.last_error,
+            last_error_at=utils.from_db(row.last_error_at),
+            last_error_kind=row.last_error_kind,
+            last_commit_at=utils.from_db(row.last_commit_at),
+        )
+
+    def get_state(self, scope_id: str) -> ScopeState:
+        return self.get_states([scope_id])[scope_id]
+
+    def get_states(self, scope_ids: list[str] | None = None) -> dict[str, ScopeState]:
+        found: dict[str, ScopeState] = {}
+        with self.reader_engine.connect() as connection:
+            if scope_ids is None:
+                stmt = sa.select(_state_t).order_by(_state_t.c.scope_id)
+                for row in connection.execute(stmt):
+                    found[row.scope_id] = self._state(row)
+                return found
+            wanted = list(dict.fromkeys(scope_ids))
+            for i in range(0, len(wanted), _IN_CHUNK):
+                stmt = sa.select(_state_t).where(
+                    _state_t.c.scope_id.in_(wanted[i:i + _IN_CHUNK]))
+                for row in connection.execute(stmt):
+                    found[row.scope_id] = self._state(row)
+        return {s: found.get(s) or ScopeState(scope_id=s, last_processed=None, version=0)
+                for s in wanted}
+
+    def _stale(self, scope_id: str, expected_version: int,
+               begin: datetime.datetime) -> StaleStateError:
+        return StaleStateError(
+            f"scope {scope_id}: state is no longer at version {expected_version} "
+            f"(another worker or a reset moved it); period "
+            f"{utils.isoformat(utils.from_db(begin))} not committed")
+
+    def commit_period(self, frame: DataFrame, expected_version: int,
+                      *, worker: str = "") -> int:
+        """See BaseStorage. A period already stored for the scope (possible
+        only if a caller commits out of order) raises sqlalchemy's
+        IntegrityError; nothing is written then either."""
+        scope_id = frame.scope_id
+        begin, end = _naive(frame.begin), _naive(frame.end)
+        now = _now()
+        dumps = _dumps
+        # everything computed before the transaction: keep the lock short
+        rows = [
+            {"scope_id": scope_id, "begin": begin, "end": end, "type": usage_type,
+             "unit": p.unit, "qty": format(p.qty, "f"), "price": format(p.price, "f"),
+             "groupby": dumps(p.groupby), "metadata": dumps(p.metadata)}
+            for usage_type, points in frame.items() for p in points
+        ]
+        period_row = {
+            "scope_id": scope_id, "begin": begin, "end": end, "points": len(rows),
+            "price": utils.decimal_str(_exact_sum(p.price for _, p in frame.iterpoints())),
+            "committed_at": now, "worker": worker or "",
+        }
+        state_values = {
+            "last_processed": begin, "last_commit_at": now, "updated_at": now,
+            "last_error": None, "last_error_kind": None, "last_error_at": None,
+        }
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                _state_t.update()
+                .where(_state_t.c.scope_id == scope_id,
+                       _state_t.c.version == expected_version)
+                .values(version=_state_t.c.version + 1, **state_values))
+            if result.rowcount != 1:
+                if expected_version != 0:
+                    raise self._stale(scope_id, expected_version, begin)
+                try:
+                    connection.execute(_state_t.insert().values(
+                        scope_id=scope_id, version=1, active=True, created_at=now,
+                        **state_values))
+                except sa_exc.IntegrityError as e:
+                    raise self._stale(scope_id, expected_version, begin) from e
+            connection.execute(_period_t.insert(), period_row)
+            if rows:
+                connection.execute(_data_t.insert(), rows)
+            faults.point("during_commit")  # crash tests: rows in, not committed
+        return expected_version + 1
+
+    def _upsert_state(self, scope_id: str, update_values: dict,
+                      insert_values: dict, before=None) -> None:
+        """UPDATE the scope's row, or INSERT it if absent, in one write
+        transaction (``before(connection)`` runs first in it). A row
+        inserted concurrently makes the INSERT fail: retried once as an
+        UPDATE."""
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as connection:
+                    if before is not None:
+                        before(connection)
+                    result = connection.execute(
+                        _state_t.update().where(_state_t.c.scope_id == scope_id)
+                        .values(**update_values))
+                    if result.rowcount == 0:
+                        connection.execute(_state_t.insert().values(
+                            scope_id=scope_id, **insert_values))
+                return
+            except sa_exc.IntegrityError:
+                if attempt == 2:
+                    raise
+
+    def record_error(self, scope_id: str, message: str, kind: str = "error") -> None:
+        now = _now()
+        message = str(message)
+        if len(message) > MAX_ERROR_LENGTH:
+            message = message[:MAX_ERROR_LENGTH - 1] + "…"
+        values = {"last_error": message, "last_error_kind": (kind or "error")[:32],
+                  "last_error_at": now, "updated_at": now}
+        # a new row has version 0 and no last_processed: exactly what a
+        # scope without a row means, so expected_version 0 stays valid
+        self._upsert_state(scope_id, values, {
+            "last_processed": None, "version": 0, "active": True,
+            "created_at": now, **values})
+
+    def reset_state(self, scope_id: str, to: datetime.datetime | None,
+                    period: int) -> None:
+        now = _now()
+        to_naive = _naive(to)
+        if to_naive is None:
+            last = None
+        else:
+            if isinstance(period, datetime.timedelta):
+                period = int(period.total_seconds())
+            last = to_naive - datetime.timedelta(seconds=period)
+
+        def delete_rows(connection: sa.Connection) -> None:
+            for table in (_data_t, _period_t):
+                stmt = table.delete().where(table.c.scope_id == scope_id)
+                if to_naive is not None:
+                    stmt = stmt.where(table.c.begin >= to_naive)
+                connection.execute(stmt)
+
+        self._upsert_state(
+            scope_id,
+            {"last_processed": last, "version": _state_t.c.version + 1,
+             "updated_at": now},
+            # version 1, not 0: a worker that read "no row" must be fenced
+            {"last_processed": last, "version": 1, "active": True,
+             "created_at": now, "updated_at": now},
+            before=delete_rows)
+
+    # -- reading ---------------------------------------------------------
+    def _stream(self, stmt: sa.Select) -> Iterator[sa.Row]:
+        """Rows of ``stmt`` fetched STREAM_CHUNK at a time (server-side
+        cursor on PostgreSQL and MySQL; SQLite steps its cursor anyway)."""
+        with self.reader_engine.connect() as connection:
+            result = connection.execution_options(
+                stream_results=True, yield_per=STREAM_CHUNK).execute(stmt)
+            try:
+                for partition in result.partitions():
+                    yield from partition
+            finally:
+                # a generator closed early: release the server-side cursor
+                # before the connection goes back to the pool
+                result.close()
+
+    @staticmethod
+    def _window(stmt: sa.Select, table: sa.Table, scope_id: str | None,
+                begin: datetime.datetime | None,
+                end: datetime.datetime | None) -> sa.Select:
+        if scope_id is not None:
+            stmt = stmt.where(table.c.scope_id == scope_id)
+        if begin is not None:
+            stmt = stmt.where(table.c.begin >= _naive(begin))
+        if end is not None:
+            stmt = stmt.where(table.c.begin < _naive(end))
+        return stmt
+
+    def iter_rated(self, scope_id: str | None = None,
+                   begin: datetime.datetime | None = None,
+                   end: datetime.datetime | None = None) -> Iterator[RatedRow]:
+        c = _data_t.c
+        stmt = sa.select(c.scope_id, c.begin, c.end, c.type, c.unit, c.qty,
+                         c.price, c.groupby, c["metadata"])
+        stmt = self._window(stmt, _data_t, scope_id, begin, end)
+        stmt = stmt.order_by(c.scope_id, c.begin, c.type, c.id)
+        Dec, loads, from_db = decimal.Decimal, _loads, utils.from_db
+        last_naive = last_aware = None
+        for row in self._stream(stmt):
+            (scope, row_begin, row_end, usage_type, unit, qty, price, groupby,
+             metadata) = row
+            # consecutive rows share their period: convert it once
+            if row_begin != last_naive:
+                last_naive = row_begin
+                last_aware = (from_db(row_begin), from_db(row_end))
+            yield RatedRow(scope, last_aware[0], last_aware[1], usage_type, unit,
+                           Dec(qty), Dec(price), loads(groupby), loads(metadata))
+
+    def iter_periods(self, scope_id: str | None = None,
+                     begin: datetime.datetime | None = None,
+                     end: datetime.datetime | None = None) -> Iterator[RatedPeriod]:
+        """Committed periods (empty ones included) with
+        begin <= period.begin < end, ordered by scope and begin."""
+        c = _period_t.c
+        stmt = sa.select(c.scope_id, c.begin, c.end, c.points, c.price,
+                         c.committed_at, c.worker)
+        stmt = self._window(stmt, _period_t, scope_id, begin, end)
+        for row in self._stream(stmt.order_by(c.scope_id, c.begin)):
+            yield RatedPeriod(row.scope_id, utils.from_db(row.begin),
+                              utils.from_db(row.end), row.points,
+                              decimal.Decimal(row.price),
+                              utils.from_db(row.committed_at), row.worker)
+
+    def summary(self, scope_id: str | None = None) -> list[TypeSummary]:
+        c = _data_t.c
+        stmt = sa.select(c.scope_id, c.type, c.begin, c.qty, c.price)
+        if scope_id is not None:
+            stmt = stmt.where(c.scope_id == scope_id)
+        stmt = stmt.order_by(c.scope_id, c.type, c.begin)
+        out: list[TypeSummary] = []
+        key = None
+        periods = points = 0
+        qty = price = decimal.Decimal(0)
+        last_begin = None
+        add, Dec = _EXACT.add, decimal.Decimal
+
+        def flush():
+            if key is not None:
+                out.append(TypeSummary(key[0], key[1], periods, points, qty, price))
+
+        for row_scope, row_type, row_begin, row_qty, row_price in self._stream(stmt):
+            if (row_scope, row_type) != key:
+                flush()
+                key = (row_scope, row_type)
+                periods = points = 0
+                qty = price = Dec(0)
+                last_begin = None
+            if row_begin != last_begin:
+                periods += 1
+                last_begin = row_begin
+            points += 1
+            qty = add(qty, Dec(row_qty))
+            price = add(price, Dec(row_price))
+        flush()
+        return out
