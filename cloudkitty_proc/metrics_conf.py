@@ -185,9 +185,12 @@ def _where(path: str, metric: str, index: int | None) -> str:
     return where
 
 
-def _invalid_msg(exc: vol.Invalid) -> str:
-    key = ".".join(str(p) for p in exc.path) if exc.path else ""
-    msg = exc.msg
+def _invalid_msg(exc: vol.Invalid, prefix: tuple = ()) -> str:
+    if isinstance(exc, vol.MultipleInvalid) and exc.errors:
+        exc = exc.errors[0]
+    path = [*prefix, *(exc.path or [])]
+    key = ".".join(str(p) for p in path)
+    msg = exc.error_message
     if msg == "extra keys not allowed":
         msg = "unknown key"
     elif msg == "required key not provided":
@@ -232,8 +235,7 @@ def parse_metrics(data: Any, *, path: str = "<metrics.yml>",
             try:
                 extra_args = extra_schema(conf["extra_args"])
             except vol.Invalid as exc:
-                exc.path = ["extra_args", *exc.path]
-                raise ConfigError(f"{where}: {_invalid_msg(exc)}") from None
+                raise ConfigError(f"{where}: {_invalid_msg(exc, ('extra_args',))}") from None
             if conf["mutate"] == "MAP":
                 mmap = conf.get("mutate_map")
                 if not mmap:

@@ -6,6 +6,7 @@ traceback, and the command exits 1.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -52,8 +53,9 @@ def validate_options() -> None:
             try:
                 getattr(CONF if group is None else CONF[group], opt.dest)
             except (cfg.ConfigFileValueError, ValueError) as exc:
-                where = _location(opt.dest, group)
                 msg = str(exc)
+                found = re.search(r"detail='([^']*)'", msg)
+                where = f"{found.group(1)}: " if found else _location(opt.dest, group)
                 if "is not valid:" in msg:
                     msg = msg.split("is not valid:", 1)[1].strip()
                 raise ConfigError(f"{where}[{group or 'DEFAULT'}] {opt.dest}: "

@@ -1,0 +1,62 @@
+"""Bad input gets one clear line naming the file and key, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests import daemon, datagen
+
+
+def run(cmd, conf, *args):
+    module = {"daemon": "cloudkitty_proc.cli.daemon", "manage": "cloudkitty_proc.cli.manage"}[cmd]
+    return subprocess.run([sys.executable, "-m", module, "--config-file", str(conf), *args],
+                          capture_output=True, text=True, timeout=120, cwd=daemon.REPO,
+                          env=daemon._env())
+
+
+@pytest.fixture
+def conf(tmp_path, sqlite_url):
+    return daemon.write_config(tmp_path, db_url=sqlite_url, scopes=["p1"],
+                               begin="2026-01-01T00:00:00Z", end="2026-01-01T02:00:00Z",
+                               metrics_yml=datagen.METRICS_YML, om_path=tmp_path / "x.om")
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("cmd,args", [("daemon", ("--oneshot",)), ("manage", ("check",))])
+def test_bad_option_value_names_file_group_and_key(conf, cmd, args):
+    conf.write_text(conf.read_text().replace("max_workers = 2", "max_workers = many"))
+    line = _one_line_error(run(cmd, conf, *args))
+    assert str(conf) in line
+    assert "[orchestrator] max_workers" in line and "many" in line
+
+
+@pytest.mark.parametrize("cmd,args", [("daemon", ("--oneshot",)), ("manage", ("check",))])
+def test_bad_metrics_yml_names_file_metric_and_key(conf, tmp_path, cmd, args):
+    (tmp_path / "metrics.yml").write_text(
+        "metrics:\n  instance_up:\n    unit: instance\n    factor: lots\n")
+    line = _one_line_error(run(cmd, conf, *args))
+    assert str(tmp_path / "metrics.yml") in line
+    assert "metric 'instance_up'" in line and "key 'factor'" in line
+
+
+def test_misaligned_begin(conf):
+    conf.write_text(conf.read_text().replace("begin = 2026-01-01T00:00:00Z",
+                                             "begin = 2026-01-01T00:30:00Z"))
+    line = _one_line_error(run("manage", conf, "check"))
+    assert "[collect] begin" in line and "aligned" in line
+
+
+def test_unknown_plugin(conf):
+    conf.write_text(conf.read_text().replace("processors = noop", "processors = nope"))
+    line = _one_line_error(run("manage", conf, "check"))
+    assert "[rating] processors = nope: no such plugin" in line

@@ -1,0 +1,103 @@
+"""metrics.yml: CloudKitty's schema, conversion and mutate."""
+
+from __future__ import annotations
+
+import decimal
+
+import pytest
+
+from cloudkitty_proc.exceptions import ConfigError
+from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, load_metrics_conf, parse_metrics
+
+D = decimal.Decimal
+
+
+def one(body, **kw):
+    return parse_metrics({"metrics": {"m": body}}, **kw).metrics[0]
+
+
+def test_defaults_and_scope_key_added_to_groupby():
+    m = one({"unit": "u", "groupby": ["id"]}, extra_args_schema=PROMQL_EXTRA_ARGS)
+    assert m.groupby == ("id", "project_id")
+    assert m.metadata == ()
+    assert m.mutate == "NONE"
+    assert m.usage_type == "m"
+    assert m.extra_args == {"aggregation_method": "max", "query_prefix": "", "query_suffix": ""}
+
+
+def test_list_of_definitions_with_alt_names():
+    conf = parse_metrics({"metrics": {"m": [
+        {"unit": "a", "alt_name": "x"}, {"unit": "b", "alt_name": "y"}]}})
+    assert [d.usage_type for d in conf] == ["x", "y"]
+
+
+def test_same_usage_type_twice_is_refused():
+    with pytest.raises(ConfigError, match="usage type 'x'"):
+        parse_metrics({"metrics": {"m": {"unit": "a", "alt_name": "x"},
+                                   "n": {"unit": "b", "alt_name": "x"}}})
+
+
+@pytest.mark.parametrize("factor,offset,raw,want", [
+    (1, 0, "3", D(3)),
+    ("1/1024", 0, "102400", D(100)),
+    (0.5, 2, "3", D("3.5")),
+    (1, 0, "0.1234567891", D("0.123456789")),  # CloudKitty's 9-digit context
+    (1, 0, "1073741824000", D("1.07374182E+12")),
+])
+def test_conversion_like_cloudkitty(factor, offset, raw, want):
+    m = one({"unit": "u", "factor": factor, "offset": offset})
+    assert m.convert(raw) == want
+
+
+@pytest.mark.parametrize("mode,raw,want", [
+    ("NUMBOOL", "5", D("1.0")), ("NUMBOOL", "0", D("0.0")),
+    ("NOTNUMBOOL", "0", D("1.0")), ("NOTNUMBOOL", "2", D("0.0")),
+    ("FLOOR", "2.7", D(2)), ("CEIL", "2.1", D(3)),
+])
+def test_mutate(mode, raw, want):
+    assert one({"unit": "u", "mutate": mode}).convert(raw) == want
+
+
+def test_mutate_map():
+    m = one({"unit": "u", "mutate": "MAP", "mutate_map": {0: 0, 1: 10, 2.5: 7}})
+    assert m.convert("1") == 10
+    assert m.convert("2.5") == 7
+    assert m.convert("3") == 0
+
+
+@pytest.mark.parametrize("raw", ["NaN", "+Inf", "abc", ""])
+def test_non_finite_values_are_errors(raw):
+    with pytest.raises(ValueError):
+        one({"unit": "u"}).convert(raw)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({}, "key 'unit': required key missing"),
+    ({"unit": "u", "factor": "abc"}, "key 'factor'"),
+    ({"unit": "u", "mutate": "SQUARE"}, "key 'mutate'"),
+    ({"unit": "u", "mutate": "MAP"}, "key 'mutate_map'"),
+    ({"unit": "u", "colour": 1}, "key 'colour': unknown key"),
+    ({"unit": "u", "extra_args": {"aggregation_method": "median"}},
+     "key 'extra_args.aggregation_method'"),
+    ({"unit": "u", "groupby": "id"}, "key 'groupby'"),
+])
+def test_errors_name_metric_and_key(body, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_metrics({"metrics": {"cpu": body}}, path="/etc/m.yml",
+                      extra_args_schema=PROMQL_EXTRA_ARGS)
+    msg = str(err.value)
+    assert msg.startswith("/etc/m.yml: metric 'cpu'")
+    assert needle in msg
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="metrics file not found"):
+        load_metrics_conf(str(tmp_path / "nope.yml"))
+    bad = tmp_path / "bad.yml"
+    bad.write_text("metrics:\n  cpu: [unit: x\n")
+    with pytest.raises(ConfigError, match=r"bad.yml: line \d+ invalid YAML"):
+        load_metrics_conf(str(bad))
+    empty = tmp_path / "empty.yml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="top-level key 'metrics' is missing"):
+        load_metrics_conf(str(empty))
