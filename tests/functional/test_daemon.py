@@ -69,8 +69,8 @@ def test_worker_killed_around_commit_rates_each_period_once(tmp_path, sqlite_url
     conf = _prepare(tmp_path, sqlite_url, ds, workers=2)
     proc = daemon.run_oneshot(conf, env={"CKP_FAULTS": f"{point}:4"}, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "killed by signal SIGKILL" in proc.stderr or "exited with status" in proc.stderr \
-        or "SIGKILL" in proc.stdout + proc.stderr
+    # the workers really died (cotyledon logs each death) and were respawned
+    assert (proc.stdout + proc.stderr).count("killed by signal") >= 2
     _assert_complete(conf, ds)
 
 
