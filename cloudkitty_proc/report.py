@@ -55,6 +55,10 @@ def write_export(rows: Iterable[RatedRow], out: IO[str], fmt: str = "jsonl") -> 
     return count
 
 
+def _rounded(value: decimal.Decimal) -> str:
+    return f"{value.quantize(decimal.Decimal('0.0001'), rounding=decimal.ROUND_HALF_UP):,}"
+
+
 def _fmt_time(dt: datetime.datetime | None) -> str:
     return utils.isoformat(dt) if dt else "-"
 
@@ -91,13 +95,14 @@ def print_oneshot_summary(storage: Any, run_started: datetime.datetime,
     summary = storage.summary()
     failed = {sid: st for sid, st in states.items()
               if st.last_error and st.last_error_at and st.last_error_at >= run_started}
-    table = Table(title=f"cloudkitty-proc --oneshot: {len(states)} scopes, {elapsed:.1f} s")
+    table = Table(title=f"cloudkitty-proc --oneshot: {len(states)} scopes, {elapsed:.1f} s",
+                  caption="qty and price rounded to 4 decimals; export for exact values")
     for col in ("scope", "type", "periods", "datapoints", "qty", "price"):
         table.add_column(col, justify="right" if col not in ("scope", "type") else "left")
     total = decimal.Decimal(0)
     for item in summary[:MAX_SUMMARY_ROWS]:
         table.add_row(item.scope_id, item.type, str(item.periods), str(item.points),
-                      utils.decimal_str(item.qty), utils.decimal_str(item.price))
+                      _rounded(item.qty), _rounded(item.price))
     for item in summary:
         total += item.price
     if len(summary) > MAX_SUMMARY_ROWS:
