@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cloudkitty_proc import plugins, report, utils
 from cloudkitty_proc.cli import common
-from cloudkitty_proc.exceptions import ConfigError, SchemaError
+from cloudkitty_proc.exceptions import CollectError, ConfigError, SchemaError
 
 CONF = cfg.CONF
 
@@ -39,6 +39,27 @@ def _add_parsers(subparsers) -> None:
     reset.add_argument("--to", required=True)
 
     subparsers.add_parser("check", help="validate config files, metrics.yml and rules")
+
+    quote = subparsers.add_parser(
+        "quote", help="price a usage description (CloudKitty quote JSON) "
+        "with the current rating rules")
+    quote.add_argument("--usage", required=True, metavar="FILE",
+                       help="JSON file: {\"resources\": [{\"service\": ..., "
+                       "\"desc\": {...}, \"volume\": ...}]} or the list alone; "
+                       "- reads standard input")
+    quote.add_argument("--verbose", action="store_true",
+                       help="also print the price of every resource")
+
+    rules = subparsers.add_parser("rules", help="rating rules tools")
+    rules_sub = rules.add_subparsers(dest="rules_action")
+    rules_sub.required = True
+    imp = rules_sub.add_parser(
+        "import-cloudkitty", help="write a rules file from a CloudKitty "
+        "database's hashmap tables")
+    imp.add_argument("--connection", required=True, metavar="URL",
+                     help="SQLAlchemy URL of the CloudKitty database")
+    imp.add_argument("--output", metavar="FILE",
+                     help="rules file to write (default: standard output)")
 
 
 CLI_OPTS = [cfg.SubCommandOpt("command", handler=_add_parsers)]
@@ -146,8 +167,72 @@ def cmd_reset_state() -> int:
 def cmd_check() -> int:
     common.validate_all()
     collector_cls, metrics = plugins.load_metrics(CONF)
+    collector = plugins.load_collector(CONF)
+    try:
+        probe = getattr(collector, "check", None)
+        if probe is not None:
+            try:
+                probe()  # one request: is the metrics backend reachable?
+            except CollectError as exc:
+                raise ConfigError(str(exc)) from None
+    finally:
+        collector.close()
     print(f"ok: {len(metrics)} metric definitions ({', '.join(metrics.usage_types())}), "
           f"rating: {', '.join(CONF.rating.processors)}")
+    return 0
+
+
+def cmd_quote() -> int:
+    from cloudkitty_proc import quote
+    from cloudkitty_proc.exceptions import RatingError
+
+    cmd = CONF.command
+    path = cmd.usage
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+            path = "<stdin>"
+        else:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read usage file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8: {exc}") from None
+    usage = quote.parse_usage(text, source=path)
+    try:
+        result = quote.rate_usage(CONF, usage, source=path)
+    except RatingError as exc:
+        raise ConfigError(f"rating failed: {exc}") from None
+    if cmd.verbose:
+        scope = result.scope if result.scope is not None else "(none: global rules)"
+        print(f"scope: {scope}")
+        print(f"period start: {utils.isoformat(result.period_start)}")
+        for line in result.lines:
+            where = f"[{line.index}]" if line.index is not None else "[*]"
+            desc = json.dumps(line.desc, sort_keys=True, default=str) if line.desc else ""
+            print(f"{where} {line.service} volume {utils.decimal_str(line.volume)}: "
+                  f"{utils.decimal_str(line.price)} {desc}".rstrip())
+        print(f"total: {utils.decimal_str(result.total)}")
+    else:
+        print(utils.decimal_str(result.total))
+    return 0
+
+
+def cmd_rules() -> int:
+    from cloudkitty_proc.rating import cloudkitty_import
+
+    cmd = CONF.command
+    # only action so far: import-cloudkitty
+    result = cloudkitty_import.import_cloudkitty(cmd.connection, cmd.output)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if cmd.output:
+        print(f"{result.mappings} mappings and {result.thresholds} thresholds "
+              f"for {result.services} services written to {cmd.output} "
+              f"({result.deleted} soft-deleted rows left out)", file=sys.stderr)
+    else:
+        sys.stdout.write(result.text)
     return 0
 
 
@@ -157,6 +242,8 @@ COMMANDS = {
     "export": cmd_export,
     "reset-state": cmd_reset_state,
     "check": cmd_check,
+    "quote": cmd_quote,
+    "rules": cmd_rules,
 }
 
 
