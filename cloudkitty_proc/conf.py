@@ -14,9 +14,29 @@ from __future__ import annotations
 import os
 import socket
 
-from oslo_config import cfg
+from oslo_config import cfg, types
+
+from cloudkitty_proc import expressions
 
 CONF = cfg.CONF
+
+
+class ExpressionType(types.String):
+    """A string option holding a skip expression, checked when read.
+
+    An expression the safe language refuses makes reading the option fail
+    (a ValueError naming the problem), so ``check`` and the start-up
+    validation report it with the file and the option.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(type_name="expression value")
+
+    def __call__(self, value):
+        value = super().__call__(value)
+        if value.strip():
+            expressions.parse_expression(value)
+        return value
 
 default_opts = [
     cfg.StrOpt(
@@ -141,6 +161,19 @@ collect_opts = [
         "processed. Unset: no bound (the normal daemon behaviour). Useful "
         "to rate a fixed window of history.",
     ),
+    cfg.Opt(
+        "skip_datapoints_expression",
+        type=ExpressionType(),
+        default="",
+        help="Datapoints for which this expression is true are dropped at "
+        "collection, for every metric without a skip_datapoints_expression "
+        "of its own in metrics.yml. A safe expression language (no Python "
+        "evaluation): the names qty, price, unit, groupby and metadata, "
+        "groupby['key'] / metadata['key'], comparisons, in, and/or/not, "
+        "+ - * / % on numbers, string and number literals. Example: "
+        "qty == 0 or metadata['flavor_name'] == 'm1.tiny'. Empty: keep "
+        "every datapoint.",
+    ),
 ]
 
 fetcher_opts = [
@@ -260,6 +293,28 @@ rating_opts = [
         help="Rating processors (stevedore namespace "
         "cloudkitty_proc.rating), applied in this order.",
     ),
+    cfg.BoolOpt(
+        "allow_pyscripts",
+        default=False,
+        help="Allow the pyscripts rating processor. Its scripts are Python "
+        "code run inside the workers with their full privileges (database "
+        "credentials included): only enable it for scripts the operator "
+        "wrote or reviewed.",
+    ),
+]
+
+pyscripts_opts = [
+    cfg.StrOpt(
+        "scripts_dir",
+        help="Directory whose *.py files are the pyscripts, run in file "
+        "name order. Ignored when scripts is set.",
+    ),
+    cfg.ListOpt(
+        "scripts",
+        default=[],
+        help="Script files run by the pyscripts processor, in this order "
+        "(takes precedence over scripts_dir).",
+    ),
 ]
 
 hashmap_opts = [
@@ -273,8 +328,16 @@ hashmap_opts = [
 metrics_opts = [
     cfg.StrOpt(
         "listen",
-        help="host:port where /metrics and /healthz are served. Unset: no "
+        help="host:port where /metrics and /healthz are served (use a "
+        "loopback address unless a firewall protects the port). Unset: no "
         "HTTP endpoint.",
+    ),
+    cfg.IntOpt(
+        "stall_timeout",
+        default=900,
+        min=1,
+        help="/healthz answers 503 when work is due but no worker committed "
+        "a period for this many seconds.",
     ),
 ]
 
@@ -291,6 +354,7 @@ _GROUPS = [
     ("storage", storage_opts),
     ("rating", rating_opts),
     ("hashmap", hashmap_opts),
+    ("pyscripts", pyscripts_opts),
     ("metrics", metrics_opts),
 ]
 

@@ -49,3 +49,16 @@ class SchemaError(CloudKittyProcError):
 
 class RatingError(CloudKittyProcError):
     """A rating processor could not rate a frame."""
+
+
+class InvalidRequestError(CloudKittyProcError, ValueError):
+    """A control request (reprocess, reset-state, quote) was refused.
+
+    The message names the argument or the conflict at fault. Over RPC the
+    caller receives it as a RemoteError; the worker keeps serving.
+    """
+
+
+class TaskCancelledError(CloudKittyProcError):
+    """A reprocessing task can no longer run (e.g. a reset-state moved the
+    scope's processed frontier below its window); it was marked failed."""

@@ -29,6 +29,7 @@ from typing import Any
 import voluptuous as vol
 import yaml
 
+from cloudkitty_proc import expressions
 from cloudkitty_proc.exceptions import ConfigError
 
 MUTATORS = ("NONE", "NUMBOOL", "NOTNUMBOOL", "FLOOR", "CEIL", "MAP")
@@ -75,6 +76,22 @@ def _num2decimal(num: int | float | fractions.Fraction) -> decimal.Decimal:
 
 _NONEMPTY_STR = vol.All(str, vol.Length(min=1))
 
+
+def _skip_expression(value: Any) -> str:
+    """A skip_datapoints_expression: compiled here to refuse it early.
+
+    An empty string is allowed: it turns the global ``[collect]
+    skip_datapoints_expression`` off for this metric.
+    """
+    if not isinstance(value, str):
+        raise vol.Invalid(f"expected a string, got {type(value).__name__}")
+    if value.strip():
+        try:
+            expressions.parse_expression(value)
+        except expressions.ExpressionError as exc:
+            raise vol.Invalid(f"invalid expression {value!r}: {exc}") from None
+    return value
+
 METRIC_SCHEMA = vol.Schema({
     vol.Required("unit"): _NONEMPTY_STR,
     vol.Required("factor", default=1): _number,
@@ -86,6 +103,7 @@ METRIC_SCHEMA = vol.Schema({
     vol.Optional("mutate_map"): dict,
     vol.Optional("description"): str,
     vol.Required("extra_args", default=dict): dict,
+    vol.Optional("skip_datapoints_expression"): _skip_expression,
 })
 
 
@@ -113,6 +131,9 @@ class MetricDef:
     mutate_map: dict | None = None
     description: str | None = None
     extra_args: dict = dataclasses.field(default_factory=dict)
+    #: None: the global ``[collect] skip_datapoints_expression`` applies;
+    #: "" (or blank): no datapoint of this metric is skipped.
+    skip_datapoints_expression: str | None = None
 
     @property
     def usage_type(self) -> str:
@@ -128,6 +149,14 @@ class MetricDef:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_dfactor", _num2decimal(self.factor))
         object.__setattr__(self, "_doffset", _num2decimal(self.offset))
+        source = self.skip_datapoints_expression
+        object.__setattr__(self, "_skip", expressions.parse_expression(source)
+                           if source and source.strip() else None)
+
+    @property
+    def skip_expression(self) -> expressions.Expression | None:
+        """The compiled per-metric skip expression (None: none or blank)."""
+        return self._skip  # type: ignore[attr-defined]
 
     def convert(self, raw: str | float | int | decimal.Decimal) -> decimal.Decimal:
         """Raw collected value → quantity (factor, offset, mutate).
@@ -265,6 +294,7 @@ def parse_metrics(data: Any, *, path: str = "<metrics.yml>",
                 if conf.get("mutate_map") else None,
                 description=conf.get("description"),
                 extra_args=extra_args,
+                skip_datapoints_expression=conf.get("skip_datapoints_expression"),
             )
             other = seen_types.get(mdef.usage_type)
             if other is not None:

@@ -9,9 +9,10 @@ from oslo_config import cfg
 from rich.console import Console
 from rich.table import Table
 
-from cloudkitty_proc import plugins, report, utils
+from cloudkitty_proc import plugins, quote, report, utils
 from cloudkitty_proc.cli import common
-from cloudkitty_proc.exceptions import CollectError, ConfigError, SchemaError
+from cloudkitty_proc.exceptions import CollectError, ConfigError, RatingError, SchemaError
+from cloudkitty_proc.rating import cloudkitty_import
 
 CONF = cfg.CONF
 
@@ -40,15 +41,15 @@ def _add_parsers(subparsers) -> None:
 
     subparsers.add_parser("check", help="validate config files, metrics.yml and rules")
 
-    quote = subparsers.add_parser(
+    quote_p = subparsers.add_parser(
         "quote", help="price a usage description (CloudKitty quote JSON) "
         "with the current rating rules")
-    quote.add_argument("--usage", required=True, metavar="FILE",
-                       help="JSON file: {\"resources\": [{\"service\": ..., "
-                       "\"desc\": {...}, \"volume\": ...}]} or the list alone; "
-                       "- reads standard input")
-    quote.add_argument("--verbose", action="store_true",
-                       help="also print the price of every resource")
+    quote_p.add_argument("--usage", required=True, metavar="FILE",
+                         help="JSON file: {\"resources\": [{\"service\": ..., "
+                         "\"desc\": {...}, \"volume\": ...}]} or the list alone; "
+                         "- reads standard input")
+    quote_p.add_argument("--verbose", action="store_true",
+                         help="also print the price of every resource")
 
     rules = subparsers.add_parser("rules", help="rating rules tools")
     rules_sub = rules.add_subparsers(dest="rules_action")
@@ -183,9 +184,6 @@ def cmd_check() -> int:
 
 
 def cmd_quote() -> int:
-    from cloudkitty_proc import quote
-    from cloudkitty_proc.exceptions import RatingError
-
     cmd = CONF.command
     path = cmd.usage
     try:
@@ -220,8 +218,6 @@ def cmd_quote() -> int:
 
 
 def cmd_rules() -> int:
-    from cloudkitty_proc.rating import cloudkitty_import
-
     cmd = CONF.command
     # only action so far: import-cloudkitty
     result = cloudkitty_import.import_cloudkitty(cmd.connection, cmd.output)

@@ -13,6 +13,13 @@ therefore be safe to call concurrently and must only do *green* I/O:
 global monkey patching (see doc/source/design.rst). CPU-only plugins (the
 file collector) need nothing special.
 
+Skipping: ``retrieve()`` drops the datapoints for which the metric's
+``skip_datapoints_expression`` (metrics.yml) is true, or, for a metric
+without one, ``[collect] skip_datapoints_expression``. Expressions are
+compiled once (:mod:`cloudkitty_proc.expressions`); a datapoint on which an
+expression fails (e.g. ``'abc' < 1``) is kept and a warning is logged once
+per metric.
+
 Errors: any failure to obtain a *complete* answer raises
 :class:`~cloudkitty_proc.exceptions.CollectError`; the period is then not
 committed and the scope state does not move. An empty answer (no series)
@@ -24,14 +31,17 @@ from __future__ import annotations
 import abc
 import datetime
 import decimal
+import logging
 from collections.abc import Iterable, Mapping
 
 from oslo_config import cfg
 
+from cloudkitty_proc import expressions
 from cloudkitty_proc.dataframe import DataPoint
 from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.metrics_conf import MetricDef, MetricsConf
 
+LOG = logging.getLogger(__name__)
 ZERO = decimal.Decimal(0)
 
 RawSeries = tuple[Mapping[str, str], str]
@@ -47,6 +57,18 @@ class BaseCollector(abc.ABC):
         self.conf = conf
         self.metrics = metrics
         self.scope_key: str = conf.collect.scope_key
+        source = conf.collect.skip_datapoints_expression
+        self.skip_expression: expressions.Expression | None = (
+            expressions.compile_expression(
+                source, where="[collect] skip_datapoints_expression")
+            if source and source.strip() else None)
+        self._skip_warned: set[str] = set()
+
+    def skip_expression_for(self, metric: MetricDef) -> expressions.Expression | None:
+        """The metric's own expression, else the global one."""
+        if metric.skip_datapoints_expression is not None:
+            return metric.skip_expression
+        return self.skip_expression
 
     @abc.abstractmethod
     def fetch(self, metric: MetricDef, scope_id: str,
@@ -61,9 +83,11 @@ class BaseCollector(abc.ABC):
 
     def retrieve(self, metric: MetricDef, scope_id: str,
                  begin: datetime.datetime, end: datetime.datetime) -> list[DataPoint]:
-        """fetch() + conversion into DataPoints (price 0)."""
+        """fetch() + conversion into DataPoints (price 0), minus the
+        datapoints the skip expression drops."""
         points = []
         unit = metric.unit
+        skip = self.skip_expression_for(metric)
         for labels, raw in self.fetch(metric, scope_id, begin, end):
             try:
                 qty = metric.convert(raw)
@@ -78,8 +102,24 @@ class BaseCollector(abc.ABC):
             groupby = {key: str(labels.get(key, "")) for key in metric.groupby}
             groupby[self.scope_key] = scope_id
             metadata = {key: str(labels.get(key, "")) for key in metric.metadata}
-            points.append(DataPoint(unit, qty, ZERO, groupby, metadata))
+            point = DataPoint(unit, qty, ZERO, groupby, metadata)
+            if skip is not None and self._skipped(skip, metric, point):
+                continue
+            points.append(point)
         return points
+
+    def _skipped(self, skip: expressions.Expression, metric: MetricDef,
+                 point: DataPoint) -> bool:
+        try:
+            return skip.matches(point)
+        except expressions.ExpressionEvalError as exc:
+            if metric.label not in self._skip_warned:
+                self._skip_warned.add(metric.label)
+                LOG.warning("metric %s: skip_datapoints_expression %r failed "
+                            "on a datapoint (%s); such datapoints are kept "
+                            "(logged once per metric)", metric.label,
+                            skip.source, exc)
+            return False
 
     def close(self) -> None:
         """Release connections (called when the worker stops)."""
