@@ -54,6 +54,14 @@ default_opts = [
         "after SIGTERM before it is killed. 0 waits forever.",
     ),
     cfg.StrOpt(
+        "rpc_topic",
+        default="cloudkitty_proc",
+        help="RPC topic the workers serve when transport_url is set "
+        "(doc/source/reprocessing.rst). Keep the default; change it only "
+        "to run two independent deployments on one message broker virtual "
+        "host.",
+    ),
+    cfg.StrOpt(
         "state_path",
         default="/var/lib/cloudkitty-proc",
         help="Directory where the daemon keeps its local state (SQLite "

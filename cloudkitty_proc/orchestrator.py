@@ -9,6 +9,13 @@ One pass of a worker (``Worker.run_pass``)::
                frame, expected_version)   # rows + state, one fenced transaction
         ─► at most [orchestrator] max_periods_per_lock periods ─► release
 
+Under the same lock, before its due periods, a scope's reprocessing tasks
+run first (``_reprocess_locked``): the same collect-and-rate pipeline
+(``_rate_periods``), each re-rated period replacing the stored one in one
+transaction with the task's progress (``storage.commit_reprocessed_period``).
+Processing and reprocessing of a scope therefore never overlap (invariant 5),
+and both share ``max_periods_per_lock``.
+
 Invariants kept here (see doc/source/design.rst): periods of a scope are
 committed in time order and only after every metric of the period was
 collected; a collect error stops the scope for this pass without moving its
@@ -19,6 +26,9 @@ Threads: cotyledon calls ``Orchestrator.run`` on a thread of its own; every
 I/O object (storage, collector, executor, coordinator) is created and used
 on that thread only. ``terminate`` and ``reload`` are called from signal
 threads: they only set events that the run thread acts on between periods.
+With ``[DEFAULT] transport_url`` set, the worker's RPC server
+(``messaging.py``) runs its handlers on oslo.messaging's threads with
+objects of their own; they too only set events (wake, reload).
 """
 
 from __future__ import annotations
@@ -40,11 +50,11 @@ from oslo_config import cfg
 from cloudkitty_proc import faults, plugins, utils
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import (CollectError, ConfigError,
-                                        StaleStateError)
+                                        StaleStateError, TaskCancelledError)
 from cloudkitty_proc.executor import make_executor
 from cloudkitty_proc.fetchers.base import FetchError
 from cloudkitty_proc.log import ContextLogger, mask_url
-from cloudkitty_proc.storage.base import ScopeState
+from cloudkitty_proc.storage.base import ACTIVE_TASK_STATES, ScopeState
 
 LOG = logging.getLogger(__name__)
 
@@ -55,6 +65,7 @@ class ScopeResult:
     attempted: bool = False
     error: bool = False
     more_due: bool = False
+    error_message: str | None = None
 
 
 @dataclass
@@ -141,6 +152,10 @@ class Worker:
                            len(self._known_scopes), mask_url(exc))
             scopes = self._known_scopes
             result.pending = True
+        # scopes with reprocessing to do are visited even with no due period
+        task_scopes = self._task_scopes()
+        known = set(scopes)
+        scopes = scopes + sorted(task_scopes - known)
         if not scopes:
             return result
         states = self.storage.get_states(scopes)
@@ -156,7 +171,9 @@ class Worker:
                 self.safe_point()
             state = states.get(scope_id)
             start = next_start(state, self.period, self.begin)
-            if not is_due(start, now, self.period, self.conf.collect.wait_periods, self.end):
+            if (scope_id not in task_scopes
+                    and not is_due(start, now, self.period, self.conf.collect.wait_periods,
+                                   self.end)):
                 continue
             if state is not None and not state.active:
                 continue
@@ -171,6 +188,13 @@ class Worker:
             result.committed += res.committed
             result.errors += int(res.error)
         return result
+
+    def _task_scopes(self) -> set[str]:
+        """Scopes with an active reprocessing task (one query per pass)."""
+        try:
+            return {t.scope_id for t in self.storage.list_tasks(states=ACTIVE_TASK_STATES)}
+        except NotImplementedError:  # a storage without reprocessing
+            return set()
 
     def _failed_this_run(self, state: ScopeState | None) -> bool:
         return (state is not None and state.last_error_at is not None
@@ -206,13 +230,17 @@ class Worker:
             return res
         if not state.active:
             return res
-        now = utils.utcnow()
         limit = self.conf.orchestrator.max_periods_per_lock
+        # reprocessing first (same lock: invariant 5), within the same budget
+        used = self._reprocess_locked(scope_id, log, res, limit)
+        if res.error or res.more_due or self.stop_event.is_set():
+            return res
+        now = utils.utcnow()
         starts: list[datetime.datetime] = []
         start = next_start(state, self.period, self.begin)
         wait = self.conf.collect.wait_periods
         while is_due(start, now, self.period, wait, self.end):
-            if len(starts) == limit:
+            if len(starts) + used >= limit:
                 res.more_due = True
                 break
             starts.append(start)
@@ -221,6 +249,113 @@ class Worker:
             return res
         res.attempted = True
         version = state.version
+
+        def commit(frame: DataFrame) -> bool:
+            nonlocal version
+            begin = frame.begin
+            faults.point("before_commit")
+            try:
+                version = self.storage.commit_period(frame, version, worker=self.name)
+            except StaleStateError as exc:
+                log.warning("period %s not committed, another worker moved the "
+                            "scope on (%s); dropping it", begin.isoformat(), exc)
+                return False
+            except Exception as exc:
+                log.error("storing period %s failed: %s", begin.isoformat(), mask_url(exc))
+                self._fail(log, scope_id, begin, "storage", exc, kind="storage", res=res)
+                return False
+            return True
+
+        self._rate_periods(scope_id, starts, log, res, commit, "committed")
+        return res
+
+    def _reprocess_locked(self, scope_id: str, log: ContextLogger, res: ScopeResult,
+                          budget: int) -> int:
+        """Re-rate the periods of the scope's active reprocessing tasks,
+        oldest task first, at most ``budget`` periods; returns how many were
+        re-rated. Each period is collected again and rated with the rules in
+        force for its start, then replaces the stored one in the same
+        transaction as the task's progress (storage invariant 4)."""
+        used = 0
+        delta = datetime.timedelta(seconds=self.period)
+        while used < budget and not self.stop_event.is_set():
+            try:
+                task = self.storage.next_pending_task(scope_id)
+            except NotImplementedError:  # a storage without reprocessing
+                return used
+            except Exception as exc:
+                log.error("cannot read the reprocessing tasks: %s", mask_url(exc))
+                res.error = True
+                return used
+            if task is None:
+                return used
+            starts: list[datetime.datetime] = []
+            start = task.next_period
+            while start < task.end and used + len(starts) < budget:
+                starts.append(start)
+                start += delta
+            if not starts:  # cannot happen: a task at its end is done
+                log.error("task %d: active with nothing left to re-rate", task.id)
+                res.error = True
+                return used
+            if task.done_periods == 0:
+                log.info("task %d: re-rating %d periods [%s, %s) (%s)", task.id,
+                         task.total_periods, task.begin.isoformat(), task.end.isoformat(),
+                         task.reason)
+            res.attempted = True
+            progress = task.next_period
+            current = task
+
+            def commit(frame: DataFrame, task_id: int = task.id) -> bool:
+                nonlocal progress, current
+                begin = frame.begin
+                faults.point("before_reprocess_commit")
+                try:
+                    current = self.storage.commit_reprocessed_period(
+                        task_id, frame, progress, worker=self.name)
+                except StaleStateError as exc:
+                    log.warning("period %s not re-rated: %s", begin.isoformat(), exc)
+                    return False
+                except TaskCancelledError as exc:
+                    log.warning("%s", exc)
+                    return False
+                except Exception as exc:
+                    log.error("storing re-rated period %s failed: %s", begin.isoformat(),
+                              mask_url(exc))
+                    self._fail(log, scope_id, begin, "storage", exc, kind="storage",
+                               res=res)
+                    return False
+                progress = current.next_period
+                return True
+
+            before = res.committed
+            self._rate_periods(scope_id, starts, log, res, commit,
+                               f"task {task.id}: re-rated")
+            used += res.committed - before
+            if res.error:
+                try:
+                    self.storage.record_task_error(task.id, res.error_message or "error")
+                except Exception as exc:  # noqa: BLE001 - the DB may be what failed
+                    log.error("cannot record the task error: %s", mask_url(exc))
+                return used
+            if current.state == "done":
+                log.info("task %d: done, %d periods re-rated", task.id, current.done_periods)
+                continue
+            if progress != start or not current.active:
+                # stale or cancelled (logged), or stopped: look again next pass
+                res.more_due = res.more_due or current.active
+                return used
+        if used >= budget:
+            res.more_due = True
+        return used
+
+    def _rate_periods(self, scope_id: str, starts: list[datetime.datetime],
+                      log: ContextLogger, res: ScopeResult, commit, what: str) -> None:
+        """Collect ``starts`` (periods ahead in the executor, every metric
+        concurrently), rate each frame with the chain and hand it to
+        ``commit(frame) -> bool`` in time order; stop at the first collect
+        or rating error (recorded, ``res.error``) or when commit returns
+        False. ``res.committed`` counts the committed periods."""
         metrics = list(self.collector.metrics)
         delta = datetime.timedelta(seconds=self.period)
         pending: collections.deque = collections.deque()
@@ -249,14 +384,12 @@ class Worker:
                     for mdef, handle in handles:
                         frame.add_points(mdef.usage_type, handle.result())
                 except CollectError as exc:
-                    self._fail(log, scope_id, begin, "collect", exc, kind=exc.kind)
-                    res.error = True
+                    self._fail(log, scope_id, begin, "collect", exc, kind=exc.kind, res=res)
                     _drain(handles)
                     break
                 except Exception as exc:  # a collector bug: same treatment
                     log.exception("collector failed for period %s", begin.isoformat())
-                    self._fail(log, scope_id, begin, "collect", exc, kind="error")
-                    res.error = True
+                    self._fail(log, scope_id, begin, "collect", exc, kind="error", res=res)
                     _drain(handles)
                     break
                 submit_next()  # keep the pool busy while we rate and store
@@ -265,33 +398,25 @@ class Worker:
                         frame = processor.process(frame)
                 except Exception as exc:
                     log.exception("rating failed for period %s", begin.isoformat())
-                    self._fail(log, scope_id, begin, "rating", exc, kind="rating")
-                    res.error = True
+                    self._fail(log, scope_id, begin, "rating", exc, kind="rating", res=res)
                     break
-                faults.point("before_commit")
-                try:
-                    version = self.storage.commit_period(frame, version, worker=self.name)
-                except StaleStateError as exc:
-                    log.warning("period %s not committed, another worker moved the "
-                                "scope on (%s); dropping it", begin.isoformat(), exc)
-                    break
-                except Exception as exc:
-                    log.error("storing period %s failed: %s", begin.isoformat(), mask_url(exc))
-                    self._fail(log, scope_id, begin, "storage", exc, kind="storage")
-                    res.error = True
+                if not commit(frame):
                     break
                 res.committed += 1
-                log.info("committed period %s: %d datapoints, price %s, %.3f s",
+                log.info("%s period %s: %d datapoints, price %s, %.3f s", what,
                          begin.isoformat(), len(frame), utils.decimal_str(frame.total_price()),
                          time.monotonic() - t0)
         finally:
             for _b, _e, handles, _t in pending:
                 _drain(handles)
-        return res
 
     def _fail(self, log: ContextLogger, scope_id: str, begin: datetime.datetime,
-              stage: str, exc: BaseException, *, kind: str) -> None:
+              stage: str, exc: BaseException, *, kind: str,
+              res: ScopeResult | None = None) -> None:
         message = f"{stage} of period {begin.isoformat()} failed: {mask_url(exc)}"
+        if res is not None:
+            res.error = True
+            res.error_message = message
         log.warning("%s; state stays, retried on a later pass", message)
         try:
             self.storage.record_error(scope_id, message, kind)
@@ -359,6 +484,9 @@ class Orchestrator(cotyledon.Service):
         self._finished = threading.Event()
         self._wake = threading.Event()
         self._reload = threading.Event()
+        #: +1 after every reload (the RPC quote endpoint follows it)
+        self.rules_generation = 0
+        self._rpc = None
         self.worker: Worker | None = None
         self._coordinator = None
         self._executor = None
@@ -394,10 +522,30 @@ class Orchestrator(cotyledon.Service):
         LOG.info("worker %s started (%s executor, %d concurrent queries)", self.worker_name,
                  self._executor.name, self._executor.size)
         try:
+            self._start_rpc()
             self.worker.loop(on_idle=self._on_idle)
         finally:
+            self._stop_rpc()
             self._shutdown_resources()
             self._finished.set()
+
+    def _start_rpc(self) -> None:
+        """When [DEFAULT] transport_url is set: this worker's RPC server
+        (messaging.py). Its handlers run on oslo.messaging's threads and
+        reach this worker only through the wake and reload events."""
+        from cloudkitty_proc import messaging  # workers only: no eventlet in the master
+
+        try:
+            self._rpc = messaging.start_server(
+                self.conf, self.worker_name, wake=self._wake.set,
+                request_reload=self.reload, rules_generation=lambda: self.rules_generation)
+        except Exception as exc:  # a bad transport_url must not stop rating
+            LOG.error("worker %s: no RPC server: %s", self.worker_name, mask_url(exc))
+
+    def _stop_rpc(self) -> None:
+        rpc, self._rpc = self._rpc, None
+        if rpc is not None:
+            rpc.stop()
 
     def _safe_point(self) -> None:
         if self._reload.is_set():
@@ -433,6 +581,7 @@ class Orchestrator(cotyledon.Service):
         else:
             old, self.worker.collector = self.worker.collector, collector
             old.close()
+        self.rules_generation += 1
         LOG.info("worker %s reloaded its configuration", self.worker_name)
 
     def _shutdown_resources(self) -> None:
@@ -458,10 +607,12 @@ class Orchestrator(cotyledon.Service):
         graceful_shutdown_timeout (cotyledon kills us after that)."""
         self._stop.set()
         self._wake.set()
+        self._stop_rpc()  # no new request; the ones in flight finish
         self._finished.wait(max(self.conf.graceful_shutdown_timeout, 1))
 
     def reload(self) -> None:
-        """Signal thread (SIGHUP): applied by the run thread between passes
-        (cotyledon's oslo_config glue reloads the master only)."""
+        """Signal thread (SIGHUP) or RPC thread (reload_rules): applied by
+        the run thread between passes (cotyledon's oslo_config glue reloads
+        the master only)."""
         self._reload.set()
         self._wake.set()

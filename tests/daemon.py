@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -16,7 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 def write_config(tmp_path: Path, *, db_url: str, scopes: list[str], begin: str, end: str,
                  metrics_yml: str, om_path: Path | None = None, workers: int = 2,
                  collector: str = "file", processors: str = "noop",
-                 rules_yml: str | None = None, extra: str = "", name: str = "ckp.conf") -> Path:
+                 rules_yml: str | None = None, extra: str = "", name: str = "ckp.conf",
+                 transport_url: str | None = None, rpc_topic: str | None = None,
+                 host: str = "testhost") -> Path:
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     metrics = tmp_path / "metrics.yml"
@@ -29,8 +33,10 @@ def write_config(tmp_path: Path, *, db_url: str, scopes: list[str], begin: str, 
     text = textwrap.dedent(f"""\
         [DEFAULT]
         state_path = {state}
-        host = testhost
+        host = {host}
         graceful_shutdown_timeout = 20
+        {f"transport_url = {transport_url}" if transport_url else ""}
+        {f"rpc_topic = {rpc_topic}" if rpc_topic else ""}
         [orchestrator]
         max_workers = {workers}
         poll_interval = 1
@@ -102,3 +108,28 @@ def export(conf: Path, *args: str) -> list[dict]:
 
 def status(conf: Path) -> dict:
     return json.loads(manage(conf, "status", "--json").stdout)
+
+
+def stop_daemon(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM the daemon and wait for it (SIGKILL after ``timeout``)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def wait_until(predicate, *, timeout: float = 60, interval: float = 0.2,
+               what: str = "condition"):
+    """Poll ``predicate()`` until it returns a true value; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -9,9 +9,10 @@ from oslo_config import cfg
 from rich.console import Console
 from rich.table import Table
 
-from cloudkitty_proc import plugins, quote, report, utils
+from cloudkitty_proc import control, plugins, quote, report, utils
 from cloudkitty_proc.cli import common
-from cloudkitty_proc.exceptions import CollectError, ConfigError, RatingError, SchemaError
+from cloudkitty_proc.exceptions import (CollectError, ConfigError, InvalidRequestError,
+                                        RatingError, SchemaError)
 from cloudkitty_proc.rating import cloudkitty_import
 
 CONF = cfg.CONF
@@ -62,6 +63,45 @@ def _add_parsers(subparsers) -> None:
     imp.add_argument("--output", metavar="FILE",
                      help="rules file to write (default: standard output)")
 
+    _add_control_parsers(subparsers)
+
+
+def _add_control_parsers(subparsers) -> None:
+    """reprocess, reload-rules, and the RPC options of reset-state and quote
+    (doc/source/reprocessing.rst)."""
+    def rpc_options(parser, direct_help: str) -> None:
+        parser.add_argument("--direct", action="store_true", help=direct_help)
+        parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                            help="how long to wait for a worker's reply "
+                            "(default: [DEFAULT] rpc_response_timeout)")
+
+    direct_db = ("write into the database even when [DEFAULT] transport_url is "
+                 "set (the daemon runs it at its next pass, or when it starts)")
+    reprocess = subparsers.add_parser(
+        "reprocess", help="re-rate a window of periods with the current rules")
+    which = reprocess.add_mutually_exclusive_group(required=True)
+    which.add_argument("--scope", dest="scope_ids", action="append", metavar="ID")
+    which.add_argument("--all", action="store_true",
+                       help="every scope whose rated periods cover the window")
+    reprocess.add_argument("--begin", required=True, help="first period start (inclusive)")
+    reprocess.add_argument("--end", required=True, help="end of the window (exclusive)")
+    reprocess.add_argument("--reason", required=True)
+    reprocess.add_argument("--request-id", dest="request_id", metavar="ID",
+                           help="idempotency key (default: a hash of scope, window "
+                           "and reason)")
+    rpc_options(reprocess, direct_db)
+
+    rpc_options(subparsers.choices["reset-state"], direct_db)
+    rpc_options(subparsers.choices["quote"],
+                "price with the rules file here, not with the rules in force in "
+                "the daemon (the default when [DEFAULT] transport_url is set)")
+
+    reload_rules = subparsers.add_parser(
+        "reload-rules", help="make every worker re-read its configuration and rules "
+        "(needs [DEFAULT] transport_url; else send SIGHUP to the daemon)")
+    reload_rules.add_argument("--timeout", type=float, metavar="SECONDS",
+                              help="how long to wait for a worker to answer")
+
 
 CLI_OPTS = [cfg.SubCommandOpt("command", handler=_add_parsers)]
 
@@ -98,8 +138,10 @@ def cmd_status() -> int:
     try:
         states = storage.get_states(None)
         records = report.state_records(states, CONF.collect.period)
+        tasks = storage.list_tasks()
         if CONF.command.as_json:
-            print(json.dumps({"scopes": records}, indent=2))
+            print(json.dumps({"scopes": records,
+                              "tasks": [control.task_record(t) for t in tasks]}, indent=2))
             return 0
         console = Console(soft_wrap=True)
         table = Table(title=f"{len(records)} scopes")
@@ -111,6 +153,7 @@ def cmd_status() -> int:
                           "-" if lag is None else f"{lag} s", "yes" if rec["active"] else "no",
                           rec["last_error"] or "")
         console.print(table)
+        _print_tasks(console, tasks)
         return 0
     finally:
         storage.close()
@@ -155,14 +198,118 @@ def cmd_reset_state() -> int:
     to = _time_arg(cmd.to, "--to")
     if not utils.is_aligned(to, CONF.collect.period):
         raise ConfigError(f"--to {cmd.to} is not aligned to the period ({CONF.collect.period} s)")
-    storage = _checked_storage()
+    if _use_rpc():
+        scopes = _rpc_call("reset_state", direct_hint=_WRITE_DIRECT, scope_ids=cmd.scope_ids,
+                           to=utils.isoformat(to))
+    else:
+        scopes = _direct(lambda storage, fetcher: control.reset_state(
+            CONF, storage, fetcher, cmd.scope_ids, to))
+    for scope in scopes:
+        print(f"scope {scope}: next period rated is {utils.isoformat(to)}")
+    return 0
+
+
+# -- control commands: over RPC when [DEFAULT] transport_url is set ---------
+
+def _use_rpc() -> bool:
+    from cloudkitty_proc import messaging
+    return messaging.transport_url(CONF) is not None and not getattr(
+        CONF.command, "direct", False)
+
+
+_WRITE_DIRECT = ("--direct writes the request into the database instead (the daemon runs "
+                 "it when it starts)")
+
+
+def _rpc_call(method: str, *, direct_hint: str | None, **kwargs):
+    from cloudkitty_proc import messaging
     try:
-        for scope in cmd.scope_ids:
-            storage.reset_state(scope, to, CONF.collect.period)
-            print(f"scope {scope}: next period rated is {utils.isoformat(to)}")
-        return 0
+        return messaging.call(CONF, method, timeout=CONF.command.timeout, **kwargs)
+    except messaging.NoServerError as exc:
+        raise ConfigError(f"{exc}; {direct_hint}" if direct_hint else str(exc)) from None
+    except messaging.RemoteRequestError as exc:
+        raise ConfigError(f"refused by the daemon: {exc}") from None
+
+
+def _direct(fn):
+    """``fn(storage, fetcher)`` on the database; refusals as one line."""
+    storage = _checked_storage()
+    fetcher = plugins.load_fetcher(CONF)
+    try:
+        return fn(storage, fetcher)
+    except InvalidRequestError as exc:
+        raise ConfigError(str(exc)) from None
     finally:
+        fetcher.close()
         storage.close()
+
+
+def _print_tasks(console, tasks, recent_done: int = 10) -> None:
+    """Active and failed tasks, and the last ``recent_done`` done ones."""
+    done = [t for t in tasks if t.state == "done"][-recent_done:]
+    shown = [t for t in tasks if t.state != "done" or t in done]
+    if not shown:
+        return
+    table = Table(title=f"{len(tasks)} reprocessing tasks"
+                  + (f" ({len(shown)} shown)" if len(shown) < len(tasks) else ""))
+    for col in ("task", "scope", "begin", "end", "state", "progress", "reason", "last error"):
+        table.add_column(col, overflow="fold")
+
+    def short(dt) -> str:
+        return utils.isoformat(dt).replace("+00:00", "Z")
+    for t in shown:
+        table.add_row(str(t.id), t.scope_id, short(t.begin), short(t.end), t.state,
+                      f"{t.done_periods}/{t.total_periods}", t.reason, t.last_error or "")
+    console.print(table)
+
+
+def cmd_reprocess() -> int:
+    cmd = CONF.command
+    begin = _time_arg(cmd.begin, "--begin")
+    end = _time_arg(cmd.end, "--end")
+    scope_ids = control.ALL if cmd.all else cmd.scope_ids
+    if _use_rpc():
+        kwargs = {"request_id": cmd.request_id} if cmd.request_id else {}
+        ids = _rpc_call("reprocess", direct_hint=_WRITE_DIRECT, scope_ids=scope_ids,
+                        begin=utils.isoformat(begin), end=utils.isoformat(end),
+                        reason=cmd.reason, **kwargs)
+        print(f"reprocessing tasks committed: {', '.join(map(str, ids))}")
+        print("follow their progress with `cloudkitty-proc-manage status`")
+        return 0
+
+    def create(storage, fetcher):
+        ids = control.reprocess(CONF, storage, fetcher, scope_ids, begin, end, cmd.reason,
+                                cmd.request_id)
+        return ids, storage.list_tasks(ids=ids)
+
+    ids, tasks = _direct(create)
+    print(f"reprocessing tasks committed: {', '.join(map(str, ids))}")
+    for t in tasks:
+        print(f"task {t.id}: scope {t.scope_id} [{utils.isoformat(t.begin)}, "
+              f"{utils.isoformat(t.end)}) {t.state}, {t.done_periods}/{t.total_periods} "
+              "periods")
+    print("the daemon runs them at its next pass; follow with `cloudkitty-proc-manage status`")
+    return 0
+
+
+def cmd_reload_rules() -> int:
+    from cloudkitty_proc import messaging
+
+    # refuse to send rules the workers would refuse anyway
+    for processor in plugins.load_rating_chain(CONF):
+        processor.check()
+    if messaging.transport_url(CONF) is None:
+        raise ConfigError("reload-rules sends a message to the workers and [DEFAULT] "
+                          "transport_url is not set: send SIGHUP to the cloudkitty-proc "
+                          "master process instead (it reloads every worker)")
+    status = _rpc_call("status", direct_hint=None)  # is anyone listening?
+    try:
+        messaging.fanout_cast(CONF, "reload_rules")
+    except messaging.NoServerError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"reload_rules sent to every worker on topic {CONF.rpc_topic} "
+          f"({status['worker']} answered); each reloads at its next safe point")
+    return 0
 
 
 def cmd_check() -> int:
@@ -198,6 +345,10 @@ def cmd_quote() -> int:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8: {exc}") from None
     usage = quote.parse_usage(text, source=path)
+    if _use_rpc() and not cmd.verbose:  # the rules in force in the daemon
+        print(_rpc_call("quote", usage=json.loads(text), direct_hint=(
+            "--direct prices with the rules file here instead")))
+        return 0
     try:
         result = quote.rate_usage(CONF, usage, source=path)
     except RatingError as exc:
@@ -240,6 +391,8 @@ COMMANDS = {
     "check": cmd_check,
     "quote": cmd_quote,
     "rules": cmd_rules,
+    "reprocess": cmd_reprocess,
+    "reload-rules": cmd_reload_rules,
 }
 
 

@@ -10,9 +10,17 @@ Invariants this contract carries (doc/source/design.rst):
    therefore never commit over another worker's progress.
 3. In order: the caller commits periods in time order; the state holds the
    start of the last committed period (CloudKitty's meaning).
+4. Durable reprocessing: ``create_reprocess_tasks`` commits every task of a
+   request (or none) before returning their ids; ``commit_reprocessed_period``
+   replaces one period's rows AND advances the task's progress in one
+   transaction, fenced by a compare-and-set on that progress, so a task
+   interrupted at any point resumes at its next period with nothing
+   duplicated or lost.
 
 Threading: a storage object is used from the worker's main thread only (DB
-drivers block the whole process: keep DB work outside the collect pool).
+drivers block the whole process: keep DB work outside the collect pool). The
+RPC endpoint of a worker (messaging.py) has a storage object of its own,
+used by one RPC thread at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import abc
 import dataclasses
 import datetime
 import decimal
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 
 from oslo_config import cfg
 
@@ -68,6 +77,57 @@ class TypeSummary:
     price: decimal.Decimal
 
 
+TASK_PENDING = "pending"
+TASK_RUNNING = "running"
+TASK_DONE = "done"
+TASK_FAILED = "failed"
+#: states of a task that still has periods to re-rate
+ACTIVE_TASK_STATES = (TASK_PENDING, TASK_RUNNING)
+#: longest client-supplied request id
+MAX_REQUEST_ID_LENGTH = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class ReprocessTask:
+    """Re-rate the periods of ``scope_id`` whose start t is in [begin, end).
+
+    ``next_period`` is the start of the next period to re-rate (``end`` once
+    done); ``done_periods`` of ``total_periods`` are re-rated. ``state``:
+    pending (nothing re-rated yet), running, done, failed (cancelled, with
+    ``last_error`` saying why). ``last_error`` on an active task is the last
+    error of a period that will be retried.
+    """
+
+    id: int
+    scope_id: str
+    begin: datetime.datetime
+    end: datetime.datetime
+    next_period: datetime.datetime
+    total_periods: int
+    done_periods: int
+    reason: str
+    state: str
+    request_key: str
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    last_error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_TASK_STATES
+
+
+def request_key(scope_id: str, begin: datetime.datetime, end: datetime.datetime,
+                reason: str, request_id: str | None = None) -> str:
+    """The idempotency key of a reprocess request for one scope: the
+    client's request id when it gave one, else a hash of what it asked."""
+    if request_id is not None:
+        return request_id
+    text = "\0".join((scope_id, begin.astimezone(datetime.timezone.utc).isoformat(),
+                      end.astimezone(datetime.timezone.utc).isoformat(), reason))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 class BaseStorage(abc.ABC):
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
@@ -112,7 +172,66 @@ class BaseStorage(abc.ABC):
                     period: int) -> None:
         """Delete the scope's rated rows with begin >= ``to`` and set its
         state so the period starting at ``to`` is the next one rated
-        (last_processed = to - period). Bumps the version."""
+        (last_processed = to - period). Bumps the version. In the same
+        transaction, active reprocessing tasks of the scope are cut at
+        ``to`` (their periods from ``to`` on are rated again anyway), or
+        marked failed when nothing of their window is left before ``to``.
+        ``to`` None: everything is deleted and every active task failed."""
+
+    # -- reprocessing tasks ------------------------------------------------
+    def create_reprocess_tasks(self, scope_ids: Sequence[str], begin: datetime.datetime,
+                               end: datetime.datetime, reason: str, period: int,
+                               *, request_id: str | None = None,
+                               skip_uncovered: bool = False) -> list[int]:
+        """One task per scope re-rating the periods starting in [begin, end),
+        all committed in ONE transaction before the ids are returned (in the
+        order of ``scope_ids``), or none.
+
+        Raises InvalidRequestError (nothing written), naming every scope at
+        fault, unless: ``begin`` < ``end``, both aligned to ``period``,
+        ``reason`` not empty, and for every scope ``end`` <= its processed
+        frontier (last_processed + period) and ``begin`` >= its first rated
+        period. ``skip_uncovered``: scopes failing those last two checks
+        are left out instead (refused only if no scope is left).
+
+        Idempotent: a task of the scope with the same request key (see
+        ``request_key``) is returned as is (a failed one is restarted); an
+        active task of the scope with exactly this window is returned (the
+        requests merge); an active task whose window overlaps this one
+        refuses the request.
+        """
+        raise NotImplementedError
+
+    def list_tasks(self, states: Sequence[str] | None = None,
+                   scope_id: str | None = None,
+                   ids: Sequence[int] | None = None) -> list[ReprocessTask]:
+        """Tasks (filtered), ordered by id."""
+        raise NotImplementedError
+
+    def next_pending_task(self, scope_id: str) -> ReprocessTask | None:
+        """The oldest active (pending or running) task of the scope."""
+        raise NotImplementedError
+
+    def commit_reprocessed_period(self, task_id: int, frame: DataFrame,
+                                  expected_next_period: datetime.datetime,
+                                  *, worker: str = "") -> ReprocessTask:
+        """Replace the rated rows (and period record) of ``frame``'s period by
+        ``frame``'s and advance the task past it (done when it reaches the
+        task's end), in ONE transaction, if and only if the task is still
+        active at ``expected_next_period`` (== ``frame.begin``). Returns the
+        task as updated.
+
+        StaleStateError (nothing written) when the task moved on or was
+        cancelled; TaskCancelledError when the period is no longer below the
+        scope's processed frontier (a reset-state moved it): the task is
+        then marked failed and no rows are written.
+        """
+        raise NotImplementedError
+
+    def record_task_error(self, task_id: int, message: str) -> None:
+        """Remember the last error of an active task (it stays active and
+        is retried)."""
+        raise NotImplementedError
 
     # -- reading ---------------------------------------------------------
     @abc.abstractmethod

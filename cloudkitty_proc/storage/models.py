@@ -102,3 +102,31 @@ rated_data = sa.Table(
     sa.Index(None, "scope_id", "begin", "type"),
     **MYSQL_TABLE_ARGS,
 )
+
+#: One row per reprocessing request and scope (migration 0002): the window
+#: [begin, end) of period starts to re-rate, and the progress cursor
+#: ``next_period`` that advances in the same transaction as each re-rated
+#: period (``SQLStorage.commit_reprocessed_period``).
+reprocess_task = sa.Table(
+    "reprocess_task", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+              primary_key=True, autoincrement=True),
+    sa.Column("scope_id", key_string(), nullable=False),
+    sa.Column("begin", utc_datetime(), nullable=False),
+    sa.Column("end", utc_datetime(), nullable=False),
+    #: start of the next period to re-rate; == end when done
+    sa.Column("next_period", utc_datetime(), nullable=False),
+    sa.Column("total_periods", sa.Integer, nullable=False),
+    sa.Column("done_periods", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    #: pending, running, done, failed
+    sa.Column("state", sa.String(16), nullable=False),
+    #: idempotency key: the client's request id, or a hash of the request
+    sa.Column("request_key", key_string(128), nullable=False),
+    sa.Column("created_at", utc_datetime(), nullable=False),
+    sa.Column("updated_at", utc_datetime(), nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.UniqueConstraint("scope_id", "request_key"),
+    sa.Index(None, "state", "scope_id"),
+    **MYSQL_TABLE_ARGS,
+)

@@ -393,13 +393,13 @@ def test_check_schema_and_upgrade(db_url):
         with pytest.raises(SchemaError, match="run `cloudkitty-proc-manage db upgrade`"):
             storage.check_schema()
         storage.upgrade()
-        assert storage.current_revision() == storage.head_revision() == "0001"
+        assert storage.current_revision() == storage.head_revision() == "0002"
         storage.check_schema()
         storage.upgrade()  # idempotent
         storage.check_schema()
         with storage.engine.begin() as connection:
             connection.execute(sa.text("UPDATE alembic_version SET version_num = '0000'"))
-        with pytest.raises(SchemaError, match="revision 0000, expected 0001: run "
+        with pytest.raises(SchemaError, match="revision 0000, expected 0002: run "
                            "`cloudkitty-proc-manage db upgrade`"):
             storage.check_schema()
     finally:
