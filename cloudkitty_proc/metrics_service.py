@@ -230,3 +230,11 @@ class MetricsService(cotyledon.Service):
     def terminate(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration in place (cotyledon's default
+        would restart the service and drop scrapes in flight)."""
+        try:
+            self.conf.reload_config_files()
+        except Exception as exc:  # noqa: BLE001
+            LOG.error("metrics: config reload failed, keeping the current one: %s", exc)

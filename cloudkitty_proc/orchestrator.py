@@ -55,6 +55,7 @@ from cloudkitty_proc.executor import make_executor
 from cloudkitty_proc.fetchers.base import FetchError
 from cloudkitty_proc.log import ContextLogger, mask_url
 from cloudkitty_proc.storage.base import ACTIVE_TASK_STATES, ScopeState
+from cloudkitty_proc.telemetry import Heartbeats, Telemetry
 
 LOG = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Worker:
                  run_started: datetime.datetime | None = None,
                  stop_event: threading.Event | None = None,
                  wake_event: threading.Event | None = None,
-                 safe_point: Any = None,
+                 safe_point: Any = None, telemetry: Telemetry | None = None,
                  worker_index: int = 0, worker_count: int = 1) -> None:
         self.conf = conf
         self.name = worker_name
@@ -133,6 +134,7 @@ class Worker:
         self.wake_event = wake_event or threading.Event()
         # called between scopes, where a reload may be applied safely
         self.safe_point = safe_point
+        self.telemetry = telemetry or Telemetry(worker_index, None, False)
         self.worker_index = worker_index
         self.worker_count = max(worker_count, 1)
         self.log = ContextLogger(LOG, worker_name)
@@ -211,6 +213,7 @@ class Worker:
             log.warning("cannot take the scope lock: %s", mask_url(exc))
             return None
         if not acquired:
+            self.telemetry.lock_busy()
             return None
         try:
             return self._process_locked(scope_id, log)
@@ -367,7 +370,7 @@ class Worker:
             if begin is None:
                 return
             end = begin + delta
-            handles = [(m, self.executor.submit(self.collector.retrieve, m, scope_id, begin, end))
+            handles = [(m, self.executor.submit(self._retrieve, m, scope_id, begin, end))
                        for m in metrics]
             pending.append((begin, end, handles, time.monotonic()))
 
@@ -403,6 +406,7 @@ class Worker:
                 if not commit(frame):
                     break
                 res.committed += 1
+                self.telemetry.period_committed(frame, time.monotonic() - t0)
                 log.info("%s period %s: %d datapoints, price %s, %.3f s", what,
                          begin.isoformat(), len(frame), utils.decimal_str(frame.total_price()),
                          time.monotonic() - t0)
@@ -410,10 +414,20 @@ class Worker:
             for _b, _e, handles, _t in pending:
                 _drain(handles)
 
+    def _retrieve(self, metric: Any, scope_id: str, begin: datetime.datetime,
+                  end: datetime.datetime) -> list:
+        """collector.retrieve, timed (runs in the collect executor)."""
+        t0 = time.monotonic()
+        try:
+            return self.collector.retrieve(metric, scope_id, begin, end)
+        finally:
+            self.telemetry.query(metric.usage_type, time.monotonic() - t0)
+
     def _fail(self, log: ContextLogger, scope_id: str, begin: datetime.datetime,
               stage: str, exc: BaseException, *, kind: str,
               res: ScopeResult | None = None) -> None:
         message = f"{stage} of period {begin.isoformat()} failed: {mask_url(exc)}"
+        self.telemetry.error(kind)
         if res is not None:
             res.error = True
             res.error_message = message
@@ -435,6 +449,7 @@ class Worker:
                 result = PassResult(pending=True, errors=1)
                 self.stop_event.wait(min(5.0, self.conf.orchestrator.poll_interval))
             idle = not result.worked and not result.pending
+            self.telemetry.beat()
             if on_idle is not None:
                 on_idle(idle)
             if result.worked:
@@ -472,7 +487,8 @@ class Orchestrator(cotyledon.Service):
     name = "cloudkitty-proc-orchestrator"
 
     def __init__(self, worker_id: int, oneshot: bool = False, done_flags: Any = None,
-                 run_started: datetime.datetime | None = None, worker_count: int = 1) -> None:
+                 run_started: datetime.datetime | None = None, worker_count: int = 1,
+                 heartbeats: Heartbeats | None = None) -> None:
         super().__init__(worker_id)
         self.worker_id = worker_id
         self.conf = cfg.CONF
@@ -480,6 +496,7 @@ class Orchestrator(cotyledon.Service):
         self.done_flags = done_flags
         self.run_started = run_started
         self.worker_count = worker_count
+        self.heartbeats = heartbeats
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._wake = threading.Event()
@@ -517,6 +534,7 @@ class Orchestrator(cotyledon.Service):
             fetcher=fetcher, rating_chain=chain, coordinator=self._coordinator,
             executor=self._executor, oneshot=self.oneshot, run_started=self.run_started,
             stop_event=self._stop, wake_event=self._wake, safe_point=self._safe_point,
+            telemetry=Telemetry(self.worker_id, self.heartbeats, bool(conf.metrics.listen)),
             worker_index=self.worker_id,
             worker_count=self.worker_count)
         LOG.info("worker %s started (%s executor, %d concurrent queries)", self.worker_name,
@@ -581,6 +599,15 @@ class Orchestrator(cotyledon.Service):
         else:
             old, self.worker.collector = self.worker.collector, collector
             old.close()
+        if self.conf.collect.period != self.worker.period:
+            LOG.error("worker %s: [collect] period cannot change without a restart "
+                      "(states are aligned to %d s); keeping it", self.worker_name,
+                      self.worker.period)
+        try:
+            self.worker.begin = first_period(self.conf)
+            self.worker.end = end_bound(self.conf)
+        except ValueError as exc:
+            LOG.error("worker %s: [collect] begin/end not reloaded: %s", self.worker_name, exc)
         self.rules_generation += 1
         LOG.info("worker %s reloaded its configuration", self.worker_name)
 

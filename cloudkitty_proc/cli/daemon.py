@@ -23,9 +23,11 @@ import time
 
 from oslo_config import cfg
 
-from cloudkitty_proc import plugins, report, utils
+from cloudkitty_proc import plugins, report, telemetry, utils
 from cloudkitty_proc.cli import common
 from cloudkitty_proc.exceptions import ConfigError, SchemaError
+from cloudkitty_proc.sdnotify import Notifier, watchdog_interval
+from cloudkitty_proc.telemetry import Heartbeats
 
 CONF = cfg.CONF
 
@@ -60,6 +62,31 @@ def _watch_done(flags, manager_pid: int, stop: threading.Event) -> None:
             stable = 0
 
 
+def _supervise_systemd(notifier: Notifier, heartbeats: Heartbeats,
+                       stop: threading.Event) -> None:
+    """Master thread: READY=1 once every worker runs, then WATCHDOG=1 while
+    workers show signs of life (a pass or a commit) recently enough."""
+    started = time.time()
+    while not stop.wait(0.2):
+        workers = CONF.orchestrator.max_workers
+        alive = heartbeats.last_alive(workers)
+        if all(t >= started for t in alive):
+            notifier.notify("READY=1", f"STATUS=rating with {workers} workers",
+                            f"MAINPID={os.getpid()}")
+            break
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    # a worker beats after every pass and every commit; an idle worker
+    # passes every poll_interval
+    threshold = max(4 * interval, 2 * CONF.orchestrator.poll_interval + 30)
+    while not stop.wait(interval):
+        workers = CONF.orchestrator.max_workers
+        newest = max(heartbeats.last_alive(workers), default=time.time())
+        if workers == 0 or time.time() - newest < threshold:
+            notifier.notify("WATCHDOG=1")
+
+
 def run_daemon() -> int:
     import cotyledon
 
@@ -84,13 +111,25 @@ def run_daemon() -> int:
         return 0
 
     flags = multiprocessing.RawArray("b", MAX_FLAGS) if oneshot else None
+    heartbeats = Heartbeats(MAX_FLAGS)
+    # cotyledon would send READY=1 before any worker runs: we send it
+    notifier = Notifier.take_from_env()
     manager = cotyledon.ServiceManager(
         graceful_shutdown_timeout=CONF.graceful_shutdown_timeout)
     sid = manager.add(Orchestrator, workers=max(workers, 1),
                       kwargs={"oneshot": oneshot, "done_flags": flags,
-                              "run_started": run_started, "worker_count": max(workers, 1)})
+                              "run_started": run_started, "worker_count": max(workers, 1),
+                              "heartbeats": heartbeats})
     if workers == 0:
         manager.reconfigure(sid, 0)
+    if CONF.metrics.listen:
+        from cloudkitty_proc.metrics_service import MetricsService, parse_listen
+        try:
+            parse_listen(CONF.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        telemetry.prepare_multiprocess_dir(CONF.state_path)
+        manager.add(MetricsService, workers=1, kwargs={"heartbeats": heartbeats})
 
     def on_reload() -> None:
         # cotyledon 2.2 does not reload the config in the master: do it,
@@ -102,9 +141,16 @@ def run_daemon() -> int:
             print(f"error: reload refused: {exc}", file=sys.stderr)
             return
         manager.reconfigure(sid, CONF.orchestrator.max_workers)
+        # cotyledon adjusts the worker count when it next looks at its
+        # children, which a SIGCHLD triggers
+        os.kill(os.getpid(), signal.SIGCHLD)
 
-    manager.register_hooks(on_reload=on_reload)
+    manager.register_hooks(on_reload=on_reload,
+                           on_terminate=lambda: notifier.notify("STOPPING=1"))
     stop_watch = threading.Event()
+    if notifier.enabled:
+        threading.Thread(target=_supervise_systemd, args=(notifier, heartbeats, stop_watch),
+                         daemon=True, name="systemd-notify").start()
     if oneshot:
         threading.Thread(target=_watch_done, args=(flags, os.getpid(), stop_watch),
                          daemon=True, name="oneshot-watch").start()
