@@ -55,6 +55,82 @@ def write_export(rows: Iterable[RatedRow], out: IO[str], fmt: str = "jsonl") -> 
     return count
 
 
+def human_duration(seconds: float | None) -> str:
+    """12 s, 5 min, 3 h 20 min, 4 d 2 h."""
+    if seconds is None:
+        return "-"
+    sign = "-" if seconds < 0 else ""
+    s = int(abs(seconds))
+    if s < 120:
+        return f"{sign}{s} s"
+    if s < 7200:
+        return f"{sign}{s // 60} min"
+    if s < 3 * 86400:
+        return f"{sign}{s // 3600} h {s % 3600 // 60} min"
+    return f"{sign}{s // 86400} d {s % 86400 // 3600} h"
+
+
+def task_eta(task: Any, now: datetime.datetime) -> float | None:
+    """Seconds left for a running task, from its pace so far."""
+    if task.state not in ("running", "pending") or not task.done_periods:
+        return None
+    elapsed = (now - task.created_at).total_seconds()
+    if elapsed <= 0:
+        return None
+    return elapsed / task.done_periods * (task.total_periods - task.done_periods)
+
+
+def print_status(console: Console, records: list[dict[str, Any]], tasks: list[Any],
+                 due: set[str] | None = None, recent_done: int = 10,
+                 now: datetime.datetime | None = None) -> None:
+    """``cloudkitty-proc-manage status``: scopes, totals, tasks."""
+    from rich.progress_bar import ProgressBar
+
+    now = now or utils.utcnow()
+    due = due or set()
+    errors = [r for r in records if r["last_error"]]
+    table = Table(title=f"{len(records)} scopes")
+    table.add_column("scope", overflow="fold")
+    table.add_column("last period start")
+    table.add_column("lag", justify="right")
+    table.add_column("state")
+    table.add_column("last error", overflow="fold", max_width=60)
+    for rec in records:
+        if not rec["active"]:
+            state = "[dim]inactive[/dim]"
+        elif rec["last_error"]:
+            state = f"[red]error ({rec['last_error_kind'] or 'error'})[/red]"
+        elif rec["scope_id"] in due:
+            state = "[yellow]due[/yellow]"
+        else:
+            state = "[green]up to date[/green]"
+        table.add_row(rec["scope_id"], (rec["last_processed"] or "-").replace("+00:00", "Z"),
+                      human_duration(rec["lag_seconds"]), state, rec["last_error"] or "")
+    console.print(table)
+    lags = [r["lag_seconds"] for r in records if r["lag_seconds"] is not None]
+    console.print(f"totals: {len(records)} scopes, {len(records) - len(errors)} ok, "
+                  f"{len(errors)} in error, {len(due)} with work due; "
+                  f"max lag {human_duration(max(lags) if lags else None)}")
+    done = [t for t in tasks if t.state == "done"][-recent_done:]
+    shown = [t for t in tasks if t.state != "done" or t in done]
+    if not shown:
+        return
+    ttable = Table(title=f"{len(tasks)} reprocessing tasks"
+                   + (f" ({len(shown)} shown)" if len(shown) < len(tasks) else ""))
+    for col in ("task", "scope", "window", "state", "progress", "", "ETA", "reason",
+                "last error"):
+        ttable.add_column(col, overflow="fold")
+
+    def short(dt) -> str:
+        return utils.isoformat(dt).replace("+00:00", "Z")
+    for t in shown:
+        bar = ProgressBar(total=max(t.total_periods, 1), completed=t.done_periods, width=20)
+        ttable.add_row(str(t.id), t.scope_id, f"{short(t.begin)} → {short(t.end)}", t.state,
+                       bar, f"{t.done_periods}/{t.total_periods}",
+                       human_duration(task_eta(t, now)), t.reason, t.last_error or "")
+    console.print(ttable)
+
+
 def _rounded(value: decimal.Decimal) -> str:
     return f"{value.quantize(decimal.Decimal('0.0001'), rounding=decimal.ROUND_HALF_UP):,}"
 

@@ -133,27 +133,44 @@ def cmd_db() -> int:
         storage.close()
 
 
+def _due_scopes(states) -> set[str]:
+    from cloudkitty_proc.orchestrator import end_bound, first_period, is_due, next_start
+
+    period = CONF.collect.period
+    now = utils.utcnow()
+    begin, end = first_period(CONF), end_bound(CONF)
+    return {sid for sid, st in states.items()
+            if st.active and is_due(next_start(st, period, begin), now, period,
+                                    CONF.collect.wait_periods, end)}
+
+
 def cmd_status() -> int:
     storage = _checked_storage()
     try:
         states = storage.get_states(None)
         records = report.state_records(states, CONF.collect.period)
         tasks = storage.list_tasks()
-        if CONF.command.as_json:
-            print(json.dumps({"scopes": records,
-                              "tasks": [control.task_record(t) for t in tasks]}, indent=2))
-            return 0
-        console = Console(soft_wrap=True)
-        table = Table(title=f"{len(records)} scopes")
-        for col in ("scope", "last period start", "lag", "active", "last error"):
-            table.add_column(col)
+        due = _due_scopes(states)
         for rec in records:
-            lag = rec["lag_seconds"]
-            table.add_row(rec["scope_id"], rec["last_processed"] or "-",
-                          "-" if lag is None else f"{lag} s", "yes" if rec["active"] else "no",
-                          rec["last_error"] or "")
-        console.print(table)
-        _print_tasks(console, tasks)
+            rec["due"] = rec["scope_id"] in due
+        if CONF.command.as_json:
+            now = utils.utcnow()
+            task_records = []
+            for t in tasks:
+                rec = control.task_record(t)
+                eta = report.task_eta(t, now)
+                rec["eta_seconds"] = None if eta is None else round(eta, 1)
+                task_records.append(rec)
+            print(json.dumps({
+                "scopes": records,
+                "totals": {"scopes": len(records),
+                           "in_error": sum(1 for r in records if r["last_error"]),
+                           "due": len(due),
+                           "tasks_active": sum(1 for t in tasks if t.active)},
+                "tasks": task_records}, indent=2))
+            return 0
+        console = Console(soft_wrap=True) if sys.stdout.isatty() else Console(width=160)
+        report.print_status(console, records, tasks, due)
         return 0
     finally:
         storage.close()
@@ -242,25 +259,6 @@ def _direct(fn):
     finally:
         fetcher.close()
         storage.close()
-
-
-def _print_tasks(console, tasks, recent_done: int = 10) -> None:
-    """Active and failed tasks, and the last ``recent_done`` done ones."""
-    done = [t for t in tasks if t.state == "done"][-recent_done:]
-    shown = [t for t in tasks if t.state != "done" or t in done]
-    if not shown:
-        return
-    table = Table(title=f"{len(tasks)} reprocessing tasks"
-                  + (f" ({len(shown)} shown)" if len(shown) < len(tasks) else ""))
-    for col in ("task", "scope", "begin", "end", "state", "progress", "reason", "last error"):
-        table.add_column(col, overflow="fold")
-
-    def short(dt) -> str:
-        return utils.isoformat(dt).replace("+00:00", "Z")
-    for t in shown:
-        table.add_row(str(t.id), t.scope_id, short(t.begin), short(t.end), t.state,
-                      f"{t.done_periods}/{t.total_periods}", t.reason, t.last_error or "")
-    console.print(table)
 
 
 def cmd_reprocess() -> int:
