@@ -41,3 +41,12 @@ def test_systemd_unit_verifies(tmp_path):
     for needle in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
                    "ProtectSystem=strict", "StateDirectory=cloudkitty-proc", "WatchdogSec="):
         assert needle in unit
+
+
+def test_docs_build_without_warnings(tmp_path):
+    pytest.importorskip("sphinx", reason="sphinx not installed (pip install -e '.[test]')")
+    proc = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html",
+                           str(REPO / "doc" / "source"), str(tmp_path / "html")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "html" / "index.html").exists()
