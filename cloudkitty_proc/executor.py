@@ -44,6 +44,10 @@ class CollectExecutor(abc.ABC):
     def close(self) -> None:
         """Stop accepting work; running calls finish."""
 
+    def yield_now(self) -> None:
+        """Let calls just submitted start now (send their requests) before
+        the caller does CPU work; a no-op where calls run on threads."""
+
 
 class _GreenHandle(Handle):
     __slots__ = ("_gt",)
@@ -63,9 +67,15 @@ class GreenPoolExecutor(CollectExecutor):
         import eventlet  # imported here: the master process never loads it
 
         self._pool = eventlet.GreenPool(size)
+        self._sleep = eventlet.sleep
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Handle:
         return _GreenHandle(self._pool.spawn(fn, *args))
+
+    def yield_now(self) -> None:
+        # green threads only run when this thread waits; without this the
+        # queries of the next period would wait for the rating and commit
+        self._sleep(0)
 
     def close(self) -> None:
         self._pool.waitall()

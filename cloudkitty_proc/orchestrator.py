@@ -363,7 +363,9 @@ class Worker:
         delta = datetime.timedelta(seconds=self.period)
         pending: collections.deque = collections.deque()
         upcoming = iter(starts)
-        lookahead = self.conf.orchestrator.lookahead_periods
+        # enough periods ahead to keep every slot of the pool busy
+        lookahead = max(self.conf.orchestrator.lookahead_periods,
+                        -(-2 * self.executor.size // max(len(metrics), 1)))
 
         def submit_next() -> None:
             begin = next(upcoming, None)
@@ -396,6 +398,7 @@ class Worker:
                     _drain(handles)
                     break
                 submit_next()  # keep the pool busy while we rate and store
+                self.executor.yield_now()
                 try:
                     for processor in self.rating_chain:
                         frame = processor.process(frame)
@@ -406,10 +409,12 @@ class Worker:
                 if not commit(frame):
                     break
                 res.committed += 1
-                self.telemetry.period_committed(frame, time.monotonic() - t0)
-                log.info("%s period %s: %d datapoints, price %s, %.3f s", what,
-                         begin.isoformat(), len(frame), utils.decimal_str(frame.total_price()),
-                         time.monotonic() - t0)
+                elapsed = time.monotonic() - t0
+                self.telemetry.period_committed(frame, elapsed)
+                if log.isEnabledFor(logging.INFO):
+                    log.info("%s period %s: %d datapoints, price %s, %.3f s", what,
+                             begin.isoformat(), len(frame),
+                             utils.decimal_str(frame.total_price()), elapsed)
         finally:
             for _b, _e, handles, _t in pending:
                 _drain(handles)

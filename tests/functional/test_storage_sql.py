@@ -556,3 +556,27 @@ def test_sqlite_several_processes_one_file(sqlite_url):
             if p.is_alive():
                 p.kill()
         storage.close()
+
+
+def test_sqlite_fast_insert_stores_the_same_text_as_sqlalchemy(sqlite_url):
+    """rated_data rows go through a raw executemany on SQLite; the datetime
+    text must be exactly what SQLAlchemy writes (rated_period uses Core)."""
+    import sqlite3
+
+    from cloudkitty_proc.dataframe import DataFrame, DataPoint
+    from cloudkitty_proc.storage.sql import SQLStorage
+
+    storage = SQLStorage(url=sqlite_url)
+    storage.upgrade()
+    begin = datetime.datetime(2026, 3, 4, 5, 0, tzinfo=datetime.timezone.utc)
+    frame = DataFrame("p1", begin, begin + datetime.timedelta(hours=1))
+    frame.add_points("t", [DataPoint("u", decimal.Decimal("1.50"), decimal.Decimal("0.1"),
+                                     {"id": "x"}, {"m": "y"})])
+    storage.commit_period(frame, 0)
+    storage.close()
+    con = sqlite3.connect(sqlite_url[len("sqlite:///"):])
+    data = con.execute('SELECT "begin", "end", qty, groupby FROM rated_data').fetchall()
+    period = con.execute('SELECT "begin", "end" FROM rated_period').fetchall()
+    con.close()
+    assert [(d[0], d[1]) for d in data] == period
+    assert data[0][2:] == ("1.50", '{"id":"x"}')

@@ -1,0 +1,1277 @@
+#!/usr/bin/env python3
+"""Catch-up benchmark: the real daemon (``cloudkitty-proc --oneshot``)
+against the fake Prometheus of ``benchmarks/fake_prometheus.py``.
+
+Workloads (``--workload``; every size can be overridden by its own flag):
+
+====  ======  =======  =======  ======  =======
+name  scopes  periods  metrics  series  latency
+====  ======  =======  =======  ======  =======
+W1        20       24        5      10    20 ms   pool usage (latency bound)
+W2        20       24        5     200     0 ms   CPU path (datapoints/s)
+W3    10,000        2        5       2     0 ms   memory (RSS growth)
+====  ======  =======  =======  ======  =======
+
+One run: start the fake Prometheus (a subprocess by default, so that its CPU
+is not the daemon's), write a config (prometheus collector, ``source``
+fetcher with the scopes, a [begin, end) window of ``periods`` hours,
+hashmap rules for the 5 usage types, SQLite in the work directory unless
+``--db``), ``cloudkitty-proc-manage db upgrade``, then
+``cloudkitty-proc --oneshot`` with ``[orchestrator] max_workers``,
+``max_greenthreads`` and ``collect_executor`` from the flags. While it runs,
+the worker processes are sampled every 0.2 s (RSS, VmHWM, CPU) and the
+committed periods are counted in the database.
+
+Printed per run: periods/s and rated datapoints/s (over the processing window,
+first query -> last commit, and over the whole command), CPU seconds of the
+process tree and CPU ms per period, per worker peak RSS and RSS after 10 % of
+the periods vs at the end, queries served with the maximum and mean number in
+flight, and the ratio to the latency bound
+``max_greenthreads / (metrics x latency)`` periods/s per worker (x workers).
+With ``--floor`` (default for W2) the floor is measured in-process: time to
+json-parse the same replies and insert the same rows into the same kind of
+database, in one transaction per period.
+
+Examples::
+
+    python benchmarks/run_catchup.py --workload W1 --workers 1
+    python benchmarks/run_catchup.py --workload W1 --workers 2
+    python benchmarks/run_catchup.py --workload W2 --workers 1      # + floor
+    python benchmarks/run_catchup.py --workload W3 --scopes 2000
+    python benchmarks/run_catchup.py --workload W1 --compare        # greenpool
+        # vs threads x max_greenthreads 8,16,32 (--compare-greenthreads ...)
+    python benchmarks/run_catchup.py --workload W2 --profile py-spy  # top CPU
+        # costs of the worker (needs `pip install py-spy`; SVG + raw stacks in
+        # --profile-out)
+    python benchmarks/run_catchup.py --workload W1 --json results.jsonl
+    python benchmarks/run_catchup.py --suite                        # issue 6
+        # acceptance: W1 x1, W1 x2, W2 x1 + floor, W3 x1, against the targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import pathlib
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import fake_prometheus  # noqa: E402
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover
+    sys.exit("run_catchup.py needs psutil (pip install psutil)")
+
+UTC = datetime.timezone.utc
+BEGIN = datetime.datetime(2026, 1, 1, tzinfo=UTC)
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "W1": {"scopes": 20, "periods": 24, "series": 10, "latency_ms": 20.0},
+    "W2": {"scopes": 20, "periods": 24, "series": 200, "latency_ms": 0.0},
+    "W3": {"scopes": 10_000, "periods": 2, "series": 2, "latency_ms": 0.0},
+}
+
+# The 5 metrics of etc/cloudkitty-proc/metrics.yml (copied: the benchmark
+# must not change when the sample does).
+METRICS_YML = """\
+metrics:
+  instance_up:
+    unit: instance
+    alt_name: instance
+    groupby: [id, user_id]
+    metadata: [flavor_name]
+    mutate: NUMBOOL
+    extra_args: {aggregation_method: max}
+  volume_size_bytes:
+    unit: GiB
+    alt_name: volume.size
+    factor: 1/1073741824
+    groupby: [id, user_id]
+    metadata: [volume_type]
+    extra_args: {aggregation_method: max}
+  image_size_bytes:
+    unit: MiB
+    alt_name: image.size
+    factor: 1/1048576
+    groupby: [id]
+    metadata: [disk_format]
+    extra_args: {aggregation_method: max}
+  ip_floating_up:
+    unit: ip
+    alt_name: ip.floating
+    groupby: [id]
+    metadata: [state]
+    mutate: NUMBOOL
+    extra_args: {aggregation_method: max}
+  cpu_utilization_ratio:
+    unit: ratio
+    alt_name: cpu.util
+    groupby: [id]
+    extra_args: {aggregation_method: avg}
+"""
+
+#: (metric, usage type, unit, groupby, metadata, aggregation) as above, for
+#: the floor measurement (same queries, same rows)
+METRICS = [
+    ("instance_up", "instance", "instance", ["id", "user_id"], ["flavor_name"], "max"),
+    ("volume_size_bytes", "volume.size", "GiB", ["id", "user_id"], ["volume_type"], "max"),
+    ("image_size_bytes", "image.size", "MiB", ["id"], ["disk_format"], "max"),
+    ("ip_floating_up", "ip.floating", "ip", ["id"], ["state"], "max"),
+    ("cpu_utilization_ratio", "cpu.util", "ratio", ["id"], [], "avg"),
+]
+SCOPE_KEY = "project_id"
+
+# Hashmap rules: every usage type has a service (flat, rate, field mappings
+# and thresholds), so every point goes through the rating engine.
+RULES_YML = """\
+hashmap:
+  services:
+    instance:
+      mappings:
+        - {cost: "0.002", group: support}
+        - {cost: "1.05", type: rate, group: compute, start: "2026-01-01T12:00:00Z"}
+      fields:
+        flavor_name:
+          mappings:
+            - {value: m1.tiny, cost: "0.010", group: compute}
+            - {value: m1.small, cost: "0.025", group: compute}
+            - {value: m1.medium, cost: "0.050", group: compute}
+            - {value: m1.large, cost: "0.100", group: compute}
+            - {value: m1.xlarge, cost: "0.200", group: compute}
+            - {value: c1.large, cost: "0.150", group: compute}
+            - {value: m1.large, cost: "0.080", group: compute, scope: p-00001}
+    volume.size:
+      fields:
+        volume_type:
+          mappings:
+            - {value: ssd, cost: "0.00020", group: storage}
+            - {value: hdd, cost: "0.00005", group: storage}
+            - {value: nvme, cost: "0.00030", group: storage}
+      thresholds:
+        - {level: "500", cost: "0.9", type: rate, group: storage}
+        - {level: "2048", cost: "0.8", type: rate, group: storage}
+    image.size:
+      mappings:
+        - {cost: "0.00000014", group: storage}
+      fields:
+        disk_format:
+          mappings:
+            - {value: qcow2, cost: "0.5", type: rate, group: storage}
+    ip.floating:
+      mappings:
+        - {cost: "0.005", group: network}
+      fields:
+        state:
+          mappings:
+            - {value: down, cost: "2", type: rate, group: network}
+    cpu.util:
+      mappings:
+        - {cost: "0.001", group: compute}
+      thresholds:
+        - {level: "0.8", cost: "0.002", group: compute}
+"""
+
+
+def scope_names(n: int) -> list[str]:
+    return [f"p-{i:05d}" for i in range(n)]
+
+
+def iso(dt: datetime.datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------
+# Run parameters and results
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    workload: str
+    scopes: int
+    periods: int
+    series: int
+    latency_ms: float
+    workers: int = 1
+    greenthreads: int = 16
+    executor: str = "greenpool"
+    lookahead: int | None = None
+    max_periods_per_lock: int | None = None
+    db: str | None = None
+    log_level: str = "INFO"
+    extra_conf: str = ""
+
+    @property
+    def metrics(self) -> int:
+        return len(METRICS)
+
+    @property
+    def total_periods(self) -> int:
+        return self.scopes * self.periods
+
+    @property
+    def total_points(self) -> int:
+        return self.scopes * self.periods * self.metrics * self.series
+
+    @property
+    def label(self) -> str:
+        extra = f" la={self.lookahead}" if self.lookahead else ""
+        return (f"{self.workload} {self.scopes}x{self.periods}x{self.metrics}x{self.series} "
+                f"{self.latency_ms:g}ms w={self.workers} {self.executor} "
+                f"G={self.greenthreads}{extra}")
+
+    def bound(self) -> float | None:
+        """Latency bound in periods/s for all workers (None at 0 ms)."""
+        if self.latency_ms <= 0:
+            return None
+        return self.greenthreads / (self.metrics * self.latency_ms / 1000.0) * self.workers
+
+
+@dataclass
+class ProcTrack:
+    pid: int
+    name: str
+    first_seen: float
+    samples: list = field(default_factory=list)   # (wall time, rss, hwm, cpu)
+    peak_rss: int = 0
+    at10: tuple | None = None                      # (rss, hwm, peak_rss) at 10 %
+
+    def last(self):
+        return self.samples[-1] if self.samples else (0, 0, 0, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Fake Prometheus (subprocess or thread)
+# ---------------------------------------------------------------------------
+
+class ServerHandle:
+    def __init__(self, mode: str, latency_ms: float, series: int) -> None:
+        self.mode = mode
+        self.proc: subprocess.Popen | None = None
+        self.fake: fake_prometheus.FakePrometheus | None = None
+        if mode == "inproc":
+            self.fake = fake_prometheus.FakePrometheus(latency_ms=latency_ms,
+                                                       series=series).start()
+            self.url = self.fake.url
+            return
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "fake_prometheus.py"), "--port", "0",
+             "--latency-ms", str(latency_ms), "--series", str(series)],
+            stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"fake Prometheus did not start: {line!r}")
+        self.url = line.split()[-1]
+        self.ps = psutil.Process(self.proc.pid)
+
+    def stats(self) -> dict:
+        if self.fake is not None:
+            return self.fake.stats()
+        import urllib.request
+        with urllib.request.urlopen(self.url + "/_stats", timeout=10) as resp:
+            return json.load(resp)
+
+    def cpu_seconds(self) -> float | None:
+        if self.proc is None:
+            return None
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        if self.fake is not None:
+            self.fake.stop()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+
+
+# ---------------------------------------------------------------------------
+# Config and commands
+# ---------------------------------------------------------------------------
+
+def write_config(spec: RunSpec, workdir: pathlib.Path, prom_url: str) -> pathlib.Path:
+    state = workdir / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.yml").write_text(METRICS_YML)
+    (workdir / "rating.yml").write_text(RULES_YML)
+    db = spec.db or f"sqlite:///{workdir / 'state' / 'bench.sqlite'}"
+    end = BEGIN + datetime.timedelta(hours=spec.periods)
+    orch = [f"max_workers = {spec.workers}", f"max_greenthreads = {spec.greenthreads}",
+            f"collect_executor = {spec.executor}", "poll_interval = 1"]
+    if spec.lookahead:
+        orch.append(f"lookahead_periods = {spec.lookahead}")
+    if spec.max_periods_per_lock:
+        orch.append(f"max_periods_per_lock = {spec.max_periods_per_lock}")
+    text = "\n".join([
+        "[DEFAULT]",
+        f"state_path = {state}",
+        "host = bench",
+        "graceful_shutdown_timeout = 60",
+        f"log_file = {workdir / 'daemon.log'}",
+        f"default_log_levels = cloudkitty_proc={spec.log_level},tooz=WARN,stevedore=WARN,"
+        "urllib3=WARN,requests=WARN,cotyledon=INFO,alembic=WARN,sqlalchemy=WARN",
+        "[orchestrator]", *orch,
+        "[collect]",
+        "collector = prometheus",
+        "period = 3600",
+        "wait_periods = 1",
+        f"begin = {iso(BEGIN)}",
+        f"end = {iso(end)}",
+        f"metrics_conf = {workdir / 'metrics.yml'}",
+        f"scope_key = {SCOPE_KEY}",
+        "[collector_prometheus]",
+        f"prometheus_url = {prom_url}",
+        "timeout = 60",
+        "[fetcher]",
+        "backend = source",
+        "[fetcher_source]",
+        "sources = " + ",".join(scope_names(spec.scopes)),
+        "[database]",
+        f"connection = {db}",
+        "[rating]",
+        "processors = hashmap",
+        "[hashmap]",
+        f"rules_file = {workdir / 'rating.yml'}",
+        "",
+    ]) + textwrap.dedent(spec.extra_conf)
+    path = workdir / "bench.conf"
+    path.write_text(text)
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("CKP_FAULTS", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def db_url_of(spec: RunSpec, workdir: pathlib.Path) -> str:
+    return spec.db or f"sqlite:///{workdir / 'state' / 'bench.sqlite'}"
+
+
+def prepare_db(spec: RunSpec, conf: pathlib.Path, workdir: pathlib.Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloudkitty_proc.cli.manage", "--config-file", str(conf),
+         "db", "upgrade"], capture_output=True, text=True, env=_env(), cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"db upgrade failed:\n{proc.stdout}\n{proc.stderr}")
+    if spec.db:  # a shared server database: start from empty tables
+        import sqlalchemy as sa
+        engine = sa.create_engine(spec.db)
+        with engine.begin() as conn:
+            for table in ("rated_data", "rated_period", "scope_state"):
+                conn.execute(sa.text(f"DELETE FROM {table}"))
+        engine.dispose()
+
+
+class Progress:
+    """Committed periods, counted in the database (cheap read-only queries)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._sqlite = None
+        self._engine = None
+        if url.startswith("sqlite:///"):
+            self._path = url[len("sqlite:///"):]
+        else:
+            import sqlalchemy as sa
+            self._engine = sa.create_engine(url, pool_size=1)
+
+    def committed(self) -> int:
+        try:
+            if self._engine is not None:
+                import sqlalchemy as sa
+                with self._engine.connect() as c:
+                    return c.execute(sa.text("SELECT count(*) FROM rated_period")).scalar()
+            if self._sqlite is None:
+                self._sqlite = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True,
+                                               timeout=5, check_same_thread=False)
+            return self._sqlite.execute("SELECT count(*) FROM rated_period").fetchone()[0]
+        except Exception:
+            return -1
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def read_results(url: str) -> dict:
+    import sqlalchemy as sa
+    engine = sa.create_engine(url)
+    with engine.connect() as c:
+        periods, first, last, points = c.execute(sa.text(
+            "SELECT count(*), min(committed_at), max(committed_at), sum(points) "
+            "FROM rated_period")).one()
+        rows = c.execute(sa.text("SELECT count(*) FROM rated_data")).scalar()
+        errors = c.execute(sa.text(
+            "SELECT count(*) FROM scope_state WHERE last_error IS NOT NULL")).scalar()
+        workers = dict(c.execute(sa.text(
+            "SELECT worker, count(*) FROM rated_period GROUP BY worker")).all())
+    engine.dispose()
+
+    def ts(v):
+        if v is None:
+            return None
+        if isinstance(v, str):
+            v = datetime.datetime.fromisoformat(v)
+        return v.replace(tzinfo=UTC).timestamp()
+
+    return {"periods": periods, "points": points or 0, "rows": rows, "errors": errors,
+            "first_commit": ts(first), "last_commit": ts(last), "per_worker": workers}
+
+
+def code_version() -> str:
+    """HEAD plus a hash of the uncommitted changes under cloudkitty_proc/
+    (read-only git commands), so a figure can be tied to the code it ran."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "cloudkitty_proc"], cwd=REPO,
+                              capture_output=True, timeout=10).stdout
+        return f"{head}+{zlib.crc32(diff):08x}" if diff else head
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------
+
+def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
+    base = pathlib.Path(args.workdir) if args.workdir else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="ckp-bench-", dir=base))
+    server = ServerHandle(args.server, spec.latency_ms, spec.series)
+    result: dict[str, Any] = {"spec": spec.__dict__ | {"label": spec.label},
+                              "workdir": str(workdir), "code": code_version()}
+    profiler: subprocess.Popen | None = None
+    try:
+        conf = write_config(spec, workdir, server.url)
+        prepare_db(spec, conf, workdir)
+        url = db_url_of(spec, workdir)
+        progress = Progress(url)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        srv_cpu0 = server.cpu_seconds()
+        out = open(workdir / "daemon.out", "w")  # noqa: SIM115
+        t_start = time.time()
+        m0 = time.monotonic()
+        daemon = psutil.Popen(
+            [sys.executable, "-m", "cloudkitty_proc.cli.daemon", "--config-file", str(conf),
+             "--oneshot"], stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+        tracks: dict[int, ProcTrack] = {}
+        master = ProcTrack(daemon.pid, "master", time.time())
+        ten_pct = max(1, spec.total_periods // 10)
+        t10 = None
+        prog_samples: list[tuple[float, int]] = []
+        stall: dict[str, Any] = {"count": -1, "since": time.time(), "at": None, "stacks": None}
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal profiler, t10
+            last_progress = 0.0
+            while not stop.is_set():
+                now = time.time()
+                procs = [(master, daemon)]
+                try:
+                    kids = daemon.children(recursive=True)
+                except psutil.Error:
+                    kids = []
+                for kid in kids:
+                    tr = tracks.get(kid.pid)
+                    if tr is None:
+                        try:
+                            name = kid.name()
+                        except psutil.Error:
+                            name = "?"
+                        tr = tracks[kid.pid] = ProcTrack(kid.pid, name, now)
+                        if args.profile == "py-spy" and profiler is None:
+                            profiler = start_py_spy(kid.pid, workdir, args)
+                    procs.append((tr, kid))
+                for tr, ps in procs:
+                    try:
+                        with ps.oneshot():
+                            rss = ps.memory_info().rss
+                            ct = ps.cpu_times()
+                        if rss == 0:  # a zombie: the worker has exited
+                            continue
+                        tr.samples.append((now, rss, _hwm(ps.pid), ct.user + ct.system))
+                        tr.peak_rss = max(tr.peak_rss, rss)
+                    except psutil.Error:
+                        pass
+                if now - last_progress >= 0.5:
+                    last_progress = now
+                    done = progress.committed()
+                    prog_samples.append((now, done))
+                    if t10 is None and done >= ten_pct:
+                        t10 = now
+                        for tr in tracks.values():
+                            s = tr.last()
+                            tr.at10 = (s[1], s[2], tr.peak_rss)
+                    if done != stall["count"]:
+                        stall["count"], stall["since"] = done, now
+                    elif (args.stall_timeout and done < spec.total_periods
+                          and now - stall["since"] > args.stall_timeout
+                          and stall["at"] is None):
+                        # no commit for stall_timeout s: keep the evidence, stop it
+                        stall["at"] = done
+                        stall["stacks"] = dump_stacks(list(tracks), workdir)
+                        try:
+                            daemon.send_signal(signal.SIGTERM)
+                        except psutil.Error:
+                            pass
+                stop.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            rc = daemon.wait(timeout=args.timeout)
+        except psutil.TimeoutExpired:
+            daemon.send_signal(signal.SIGTERM)
+            rc = daemon.wait(90)
+            result["timeout"] = True
+        if stall["at"] is not None:
+            result["stalled"] = {"periods": stall["at"], "stacks": stall["stacks"]}
+        wall = time.monotonic() - m0
+        stop.set()
+        sampler.join()
+        out.close()
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if profiler is not None:
+            try:
+                profiler.wait(60)
+            except subprocess.TimeoutExpired:
+                profiler.terminate()
+        progress.close()
+        srv = server.stats()
+        srv_cpu1 = server.cpu_seconds()
+        db = read_results(url)
+        result.update(rc=rc, wall=wall, started_at=t_start, server=srv, db=db,
+                      t10=t10)
+        result["cpu_tree"] = ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
+        result["server_cpu"] = (srv_cpu1 - srv_cpu0) if srv_cpu0 is not None else None
+        first_q = srv.get("first_query_at")
+        last_c = db["last_commit"]
+        window = (last_c - first_q) if (first_q and last_c) else None
+        result["window"] = window
+        # worker CPU inside the window (startup imports excluded)
+        wk = []
+        for tr in sorted(tracks.values(), key=lambda t: t.pid):
+            if not tr.samples:
+                continue
+            cpu_end = tr.samples[-1][3]
+            cpu_start = 0.0
+            if first_q:
+                before = [s for s in tr.samples if s[0] <= first_q]
+                cpu_start = before[-1][3] if before else 0.0
+            # RSS when 10 %, 20 %, ... of the periods were committed
+            deciles = []
+            for d in range(1, 11):
+                need = spec.total_periods * d / 10
+                at = next((t for t, n in prog_samples if n >= need), None)
+                if at is None:
+                    deciles.append(None)
+                    continue
+                before = [smp for smp in tr.samples if smp[0] <= at]
+                deciles.append(before[-1][1] if before else None)
+            wk.append({
+                "pid": tr.pid, "name": tr.name, "rss_deciles": deciles,
+                "cpu": cpu_end, "cpu_window": cpu_end - cpu_start,
+                "peak_rss": tr.peak_rss, "hwm_end": max(s[2] for s in tr.samples),
+                "rss_end": tr.samples[-1][1],
+                "rss_10": tr.at10[0] if tr.at10 else None,
+                "hwm_10": tr.at10[1] if tr.at10 else None,
+                "peak_10": tr.at10[2] if tr.at10 else None,
+            })
+        result["workers"] = wk
+        result["master"] = {"peak_rss": master.peak_rss,
+                            "cpu": master.samples[-1][3] if master.samples else None}
+        tail = (workdir / "daemon.out").read_text().strip().splitlines()
+        result["daemon_tail"] = tail[-12:]
+        if profiler is not None:
+            result["profile"] = analyse_profile(workdir, args, spec, db["periods"])
+        return result
+    finally:
+        server.stop()
+        if profiler is not None and profiler.poll() is None:
+            profiler.terminate()
+        if not args.keep and "stalled" not in result:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def dump_stacks(pids: list[int], workdir: pathlib.Path) -> list[str]:
+    """py-spy dump (non-blocking) of each worker, for a stalled run."""
+    exe = shutil.which("py-spy")
+    out = []
+    for pid in pids:
+        path = workdir / f"stall-stacks-{pid}.txt"
+        if exe is None:
+            path.write_text("py-spy not installed: no stacks\n")
+        else:
+            with open(path, "w") as fh:
+                subprocess.run([exe, "dump", "--pid", str(pid), "--nonblocking"],
+                               stdout=fh, stderr=subprocess.STDOUT, timeout=60)
+        out.append(str(path))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Profiling (py-spy)
+# ---------------------------------------------------------------------------
+
+def start_py_spy(pid: int, workdir: pathlib.Path, args: argparse.Namespace) -> subprocess.Popen:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        sys.exit("--profile py-spy: py-spy not found (pip install py-spy)")
+    out = workdir / f"worker-{pid}.collapsed"
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--rate", str(args.profile_rate), "--format", "raw",
+         "--threads", "--idle", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=open(workdir / "py-spy.log", "w"))  # noqa: SIM115
+
+
+#: (category, substrings of a frame), checked from the leaf up: the first
+#: frame of a stack that matches one decides its category.
+CATEGORIES = [
+    ("logging", ("logging/__init__", "oslo_log", "log.py:")),
+    ("json parse", ("json/decoder", "json/__init__.py", "models.py:json")),
+    ("http (requests/urllib3/socket)", ("urllib3/", "requests/", "http/client",
+                                        "socket.py", "ssl.py", "eventlet/green")),
+    ("collector convert (DataPoint)", ("collectors/base", "metrics_conf", "_promql")),
+    ("collector (prometheus)", ("collectors/prometheus",)),
+    ("rating (hashmap)", ("rating/",)),
+    ("storage (sqlalchemy/sqlite)", ("sqlalchemy/", "storage/sql", "sqlite3")),
+    ("tooz / locks", ("tooz/", "fasteners", "oslo_concurrency")),
+    ("eventlet hub / greenlet", ("eventlet/hubs", "eventlet/greenthread", "eventlet/greenpool",
+                                 "eventlet/event", "greenlet")),
+    ("thread pool", ("concurrent/futures", "threading.py")),
+    ("orchestrator", ("orchestrator.py",)),
+    ("imports / startup", ("<frozen importlib", "importlib/")),
+]
+
+
+#: leaf functions that are blocked waits, not CPU: py-spy's idle detection
+#: misses some of them in this VM (they are excluded from the percentages)
+IDLE_LEAVES = {"Condition.wait", "Event.wait", "SignalManager._wait_forever",
+               "Connection._recv", "Hub.do_poll", "Thread.join", "Thread._wait_for_tstate_lock",
+               "Semaphore.acquire", "SimpleQueue.get", "Queue.get", "EpollSelector.select",
+               "PollSelector.select", "sleep"}
+
+
+def _parse_collapsed(path: pathlib.Path) -> list[tuple[list[str], int]]:
+    stacks = []
+    for line in path.read_text().splitlines():
+        frames_part, _, count = line.rpartition(" ")
+        if not frames_part:
+            continue
+        frames = frames_part.split(";")
+        stacks.append((frames, int(count)))
+    return stacks
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/module.py:123)" -> "func (module.py:123)"
+    name, _, loc = frame.partition(" (")
+    loc = loc.rstrip(")")
+    parts = loc.split("/")
+    loc = "/".join(parts[-2:]) if len(parts) > 1 else loc
+    return f"{name} ({loc})"
+
+
+def _func_key(frame: str) -> str:
+    name, _, loc = frame.partition(" (")
+    file = loc.rsplit(":", 1)[0]
+    parts = file.split("/")
+    return f"{name} ({'/'.join(parts[-2:])})"
+
+
+def analyse_profile(workdir: pathlib.Path, args: argparse.Namespace, spec: RunSpec,
+                    periods: int) -> dict:
+    files = sorted(workdir.glob("worker-*.collapsed"))
+    if not files:
+        log = (workdir / "py-spy.log")
+        return {"error": log.read_text()[-2000:] if log.exists() else "no profile"}
+    stacks = _parse_collapsed(files[0])
+    outdir = pathlib.Path(args.profile_out or ".")
+    outdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{spec.workload}-w{spec.workers}-{spec.executor}-g{spec.greenthreads}"
+    raw_copy = outdir / f"profile-{tag}.collapsed"
+    shutil.copy(files[0], raw_copy)
+    svg = outdir / f"profile-{tag}.svg"
+    busy = [(f, c) for f, c in stacks if f and f[-1].split(" (", 1)[0] not in IDLE_LEAVES]
+    write_flamegraph(busy, svg, title=f"cloudkitty-proc worker (busy samples), {spec.label}")
+    total = sum(c for _, c in stacks) or 1
+    by_thread: collections.Counter = collections.Counter()
+    self_cost: collections.Counter = collections.Counter()
+    incl_cost: collections.Counter = collections.Counter()
+    cats: collections.Counter = collections.Counter()
+    idle = 0
+    for frames, count in stacks:
+        thread = frames[0] if frames and frames[0].startswith("thread (") else "?"
+        body = frames[1:] if thread != "?" else frames
+        if not body or body[-1].split(" (", 1)[0] in IDLE_LEAVES:
+            idle += count
+            continue
+        by_thread[thread] += count
+        self_cost[_func_key(body[-1])] += count
+        for key in {_func_key(f) for f in body}:
+            incl_cost[key] += count
+        cat = "other"
+        for f in reversed(body):
+            hit = next((c for c, subs in CATEGORIES if any(s in f for s in subs)), None)
+            if hit is not None:
+                cat = hit
+                break
+        cats[cat] += count
+    total = (total - idle) or 1
+    # wall time of the worker's run thread (idle samples included: --idle)
+    run_stacks = [(f, c) for f, c in stacks if f and "_service_run" in f[0]]
+    run_total = sum(c for _, c in run_stacks) or 1
+    run_wall: collections.Counter = collections.Counter()
+    for frames, count in run_stacks:
+        leaf = frames[-1].split(" (", 1)[0]
+        joined = ";".join(frames)
+        if leaf in IDLE_LEAVES:
+            what = "idle: waiting for replies (pool not full or latency)"
+        elif "GreenThread.main" in joined:
+            what = "green threads: HTTP + JSON + DataPoints (hub)"
+        elif "commit_period" in joined:
+            what = "storage.commit_period (hub blocked)"
+        elif "/rating/" in joined:
+            what = "rating chain (hub blocked)"
+        elif "log" in leaf.lower() or "logging/" in joined:
+            what = "logging"
+        elif "get_states" in joined or "get_state" in joined:
+            what = "state reads"
+        elif "tooz" in joined:
+            what = "tooz lock"
+        elif "importlib" in joined:
+            what = "startup (imports)"
+        else:
+            what = "other (orchestrator, executor, frames)"
+        run_wall[what] += count
+    rate = args.profile_rate
+    per = (lambda n: n / rate * 1000 / periods) if periods else (lambda n: 0.0)
+    return {
+        "samples": total, "idle_samples": idle, "rate": rate, "svg": str(svg),
+        "collapsed": str(raw_copy),
+        "threads": [(t, n, per(n)) for t, n in by_thread.most_common(8)],
+        "run_thread_wall": [(w, n, n / run_total, per(n)) for w, n in run_wall.most_common()],
+        "categories": [(c, n, n / total, per(n)) for c, n in cats.most_common()],
+        "self": [(k, n, n / total, per(n)) for k, n in self_cost.most_common(args.profile_top)],
+        "inclusive": [(k, n, n / total, per(n))
+                      for k, n in incl_cost.most_common(args.profile_top * 2)],
+    }
+
+
+def write_flamegraph(stacks: list[tuple[list[str], int]], path: pathlib.Path,
+                     title: str = "") -> None:
+    """A small static SVG flame graph from collapsed stacks."""
+    root: dict = {"n": 0, "c": {}}
+    for frames, count in stacks:
+        node = root
+        node["n"] += count
+        for f in frames:
+            node = node["c"].setdefault(f, {"n": 0, "c": {}})
+            node["n"] += count
+    width, row = 1600.0, 16
+    total = root["n"] or 1
+    rects: list[str] = []
+    depth_max = [0]
+
+    def walk(node: dict, x: float, depth: int) -> None:
+        depth_max[0] = max(depth_max[0], depth)
+        for name, child in sorted(node["c"].items()):
+            w = child["n"] / total * width
+            if w >= 0.5:
+                label = _short(name)
+                def esc_(t: str) -> str:
+                    return (t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                            .replace('"', "&quot;"))
+                esc = esc_(label)
+                hue = 20 + (zlib.crc32(name.split(" (")[0].encode()) % 40)
+                text = esc if w > 7 * len(label) else esc_(label[:max(0, int(w / 7) - 1)])
+                rects.append(
+                    f'<g><title>{esc} ({child["n"]} samples, {child["n"] / total:.1%})</title>'
+                    f'<rect x="{x:.1f}" y="{{Y{depth}}}" width="{w:.1f}" height="{row - 1}" '
+                    f'fill="hsl({hue},90%,60%)"/>'
+                    f'<text x="{x + 2:.1f}" y="{{T{depth}}}" font-size="11">{text}</text></g>')
+                walk(child, x, depth + 1)
+            x += w
+
+    walk(root, 0.0, 0)
+    height = (depth_max[0] + 2) * row + 20
+    body = "\n".join(rects)
+    for d in range(depth_max[0] + 1):
+        y = height - (d + 1) * row - 4
+        body = body.replace(f"{{Y{d}}}", str(y)).replace(f"{{T{d}}}", str(y + 12))
+    path.write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+        f'font-family="monospace"><text x="4" y="14" font-size="13">{title} '
+        f'({total} samples)</text>\n{body}\n</svg>\n')
+
+
+# ---------------------------------------------------------------------------
+# The floor: json-parse the same replies + insert the same rows
+# ---------------------------------------------------------------------------
+
+def build_query(metric: str, agg: str, scope: str, labels: list[str]) -> str:
+    return (f'{agg}({agg}_over_time({metric}{{{SCOPE_KEY}="{scope}"}}[3600s])) '
+            f'by ({", ".join(labels)})')
+
+
+def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
+    """The floor of the CPU path, in-process, one period at a time (as the
+    daemon streams): json.loads of the same replies (stdlib json, as
+    requests' ``Response.json``), building rows shaped like ``rated_data``
+    (groupby/metadata as sorted-key JSON, as the storage does) and inserting
+    them into the same kind of database with SQLAlchemy Core executemany in
+    one transaction per period; plus the same insert with raw DBAPI
+    executemany (SQLite). Rendering the replies is not timed."""
+    import sqlalchemy as sa
+
+    sys.path.insert(0, str(REPO))
+    from cloudkitty_proc.storage import models
+
+    gen = fake_prometheus.ReplyGenerator(series=spec.series, cache_size=1 << 16)
+    scopes = scope_names(spec.scopes)
+    queries = []
+    for metric, usage, unit, groupby, metadata, agg in METRICS:
+        labels = list(dict.fromkeys([*groupby, SCOPE_KEY, *metadata]))
+        queries.append((metric, agg, labels, usage, unit, groupby, metadata))
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ckp-floor-", dir=workdir_base))
+    remote = bool(spec.db and not spec.db.startswith("sqlite"))
+    if remote:
+        engine = sa.create_engine(spec.db)
+        table = models.rated_data.to_metadata(sa.MetaData(), name="bench_floor_rated_data")
+        table.drop(engine, checkfirst=True)
+        table.create(engine)
+        kind = engine.dialect.name
+        con = None
+    else:
+        engine = sa.create_engine(f"sqlite:///{tmp / 'floor.sqlite'}")
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi, _rec):
+            dbapi.isolation_level = None
+            dbapi.execute("PRAGMA journal_mode = WAL")
+            dbapi.execute("PRAGMA synchronous = NORMAL")
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        table = models.rated_data
+        models.metadata.create_all(engine, tables=[table])
+        kind = "sqlite"
+        con = sqlite3.connect(tmp / "floor-raw.sqlite", isolation_level=None)
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute("PRAGMA synchronous = NORMAL")
+        con.execute('CREATE TABLE rated_data (id INTEGER PRIMARY KEY, scope_id TEXT, '
+                    '"begin" TEXT, "end" TEXT, type TEXT, unit TEXT, qty TEXT, price TEXT, '
+                    'groupby TEXT, metadata TEXT)')
+        con.execute('CREATE INDEX ix ON rated_data (scope_id, "begin", type)')
+    raw_sql = ('INSERT INTO rated_data (scope_id, "begin", "end", type, unit, qty, price, '
+               'groupby, metadata) VALUES (?,?,?,?,?,?,?,?,?)')
+    ins = table.insert()
+    loads = json.loads
+    dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+    clock = time.perf_counter
+    t_parse = t_rows = t_insert = t_raw = 0.0
+    n = periods = 0
+    try:
+        for scope in scopes:
+            for p in range(spec.periods):
+                b = BEGIN + datetime.timedelta(hours=p)
+                e = b + datetime.timedelta(hours=1)
+                bodies = [gen.render(build_query(metric, agg, scope, labels), e.timestamp())
+                          for metric, agg, labels, *_ in queries]
+                t0 = clock()
+                results = [loads(body.decode("utf-8"))["data"]["result"] for body in bodies]
+                t1 = clock()
+                bn, en = b.replace(tzinfo=None), e.replace(tzinfo=None)
+                rows = []
+                for (_m, _a, _l, usage, unit, groupby, metadata), result in zip(queries, results):
+                    for item in result:
+                        lab = item["metric"]
+                        gb = {k: lab.get(k, "") for k in groupby}
+                        gb[SCOPE_KEY] = scope
+                        md = {k: lab.get(k, "") for k in metadata}
+                        rows.append({"scope_id": scope, "begin": bn, "end": en, "type": usage,
+                                     "unit": unit, "qty": item["value"][1], "price": "0",
+                                     "groupby": dumps(gb), "metadata": dumps(md)})
+                t2 = clock()
+                with engine.begin() as conn:
+                    conn.execute(ins, rows)
+                t3 = clock()
+                if con is not None:
+                    bs, es = str(bn), str(en)
+                    con.execute("BEGIN IMMEDIATE")
+                    con.executemany(raw_sql, [(r["scope_id"], bs, es, r["type"], r["unit"],
+                                               r["qty"], r["price"], r["groupby"], r["metadata"])
+                                              for r in rows])
+                    con.execute("COMMIT")
+                t4 = clock()
+                t_parse += t1 - t0
+                t_rows += t2 - t1
+                t_insert += t3 - t2
+                t_raw += t4 - t3
+                n += len(rows)
+                periods += 1
+    finally:
+        if remote:
+            table.drop(engine)
+        engine.dispose()
+        if con is not None:
+            con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = t_parse + t_rows + t_insert
+    raw_total = (t_parse + t_rows + t_raw) if con is not None else None
+    return {"points": n, "periods": periods, "db": kind,
+            "parse_s": t_parse, "rows_s": t_rows, "insert_s": t_insert,
+            "raw_insert_s": t_raw if con is not None else None,
+            "total_s": total, "points_per_s": n / total if total else None,
+            "raw_points_per_s": (n / raw_total) if raw_total else None}
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+MB = 1024 * 1024
+
+
+def summarize(r: dict, spec: RunSpec) -> dict:
+    db, srv = r["db"], r["server"]
+    window = r["window"] or r["wall"]
+    periods = db["periods"]
+    s = {
+        "label": spec.label, "rc": r["rc"], "periods": periods,
+        "expected_periods": spec.total_periods, "points": db["rows"],
+        "expected_points": spec.total_points, "errors": db["errors"],
+        "wall_s": r["wall"], "window_s": r["window"],
+        "periods_per_s": periods / window if window else None,
+        "periods_per_s_wall": periods / r["wall"],
+        "points_per_s": db["rows"] / window if window else None,
+        "points_per_s_wall": db["rows"] / r["wall"],
+        "cpu_tree_s": r["cpu_tree"],
+        "cpu_workers_window_s": sum(w["cpu_window"] for w in r["workers"]),
+        "queries": srv["queries"], "max_inflight": srv["max_active"],
+        "mean_inflight": (srv["busy_seconds"] / window) if window else None,
+        "server_cpu_s": r["server_cpu"], "per_worker_periods": db["per_worker"],
+        "code": r.get("code"), "stalled": r.get("stalled"),
+    }
+    s["cpu_ms_per_period_tree"] = s["cpu_tree_s"] / periods * 1000 if periods else None
+    s["cpu_ms_per_period_worker"] = (s["cpu_workers_window_s"] / periods * 1000
+                                     if periods else None)
+    bound = spec.bound()
+    s["bound_periods_per_s"] = bound
+    s["ratio_to_bound"] = (s["periods_per_s"] / bound) if (bound and s["periods_per_s"]) else None
+    s["workers"] = [{
+        "pid": w["pid"], "peak_rss_mb": w["peak_rss"] / MB, "hwm_end_mb": w["hwm_end"] / MB,
+        "rss_end_mb": w["rss_end"] / MB,
+        "rss_10_mb": w["rss_10"] / MB if w["rss_10"] else None,
+        "hwm_10_mb": w["hwm_10"] / MB if w["hwm_10"] else None,
+        "growth": (w["hwm_end"] / w["hwm_10"]) if w["hwm_10"] else None,
+        "cpu_s": w["cpu"], "cpu_window_s": w["cpu_window"],
+        "rss_deciles_mb": [round(x / MB, 1) if x else None for x in w["rss_deciles"]],
+    } for w in r["workers"]]
+    return s
+
+
+def fmt(v, spec=",.1f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def print_run(s: dict, r: dict, spec: RunSpec) -> None:
+    ok = (s["rc"] == 0 and s["periods"] == s["expected_periods"]
+          and s["points"] == s["expected_points"])
+    print(f"\n=== {s['label']} === (code {r.get('code')})")
+    if r.get("stalled"):
+        print(f"  !! STALLED: no commit for --stall-timeout s after {r['stalled']['periods']} "
+              f"periods; stacks: {', '.join(r['stalled']['stacks'] or [])}; work directory "
+              f"kept: {r['workdir']}")
+    if not ok:
+        print(f"  !! rc={s['rc']} periods {s['periods']}/{s['expected_periods']} "
+              f"points {s['points']}/{s['expected_points']} errors={s['errors']}")
+        for line in r.get("daemon_tail", []):
+            print("     |", line)
+    print(f"  periods        {s['periods']:,} committed ({s['expected_periods']:,} expected), "
+          f"{s['points']:,} rated datapoints stored")
+    print(f"  wall           {s['wall_s']:.2f} s whole command; processing window "
+          f"(first query -> last commit) {fmt(s['window_s'], '.2f')} s")
+    print(f"  periods/s      {fmt(s['periods_per_s'])} (window)   "
+          f"{fmt(s['periods_per_s_wall'])} (wall)")
+    print(f"  datapoints/s   {fmt(s['points_per_s'], ',.0f')} (window)   "
+          f"{fmt(s['points_per_s_wall'], ',.0f')} (wall)")
+    if s["bound_periods_per_s"]:
+        print(f"  latency bound  {s['bound_periods_per_s']:,.1f} periods/s "
+              f"(= {spec.greenthreads} / ({spec.metrics} x {spec.latency_ms:g} ms) x "
+              f"{spec.workers} worker(s)); ratio "
+              f"{fmt(s['ratio_to_bound'] and s['ratio_to_bound'] * 100, '.1f')} %")
+    print(f"  CPU            {s['cpu_tree_s']:.2f} s process tree "
+          f"({fmt(s['cpu_ms_per_period_tree'], '.2f')} ms/period incl. startup); workers "
+          f"in window {s['cpu_workers_window_s']:.2f} s "
+          f"({fmt(s['cpu_ms_per_period_worker'], '.2f')} ms/period)")
+    print(f"  queries        {s['queries']:,} served; in flight max {s['max_inflight']}, "
+          f"mean {fmt(s['mean_inflight'], '.1f')} (pool size {spec.greenthreads} x "
+          f"{spec.workers}); fake server CPU {fmt(s['server_cpu_s'], '.2f')} s")
+    if len(s["per_worker_periods"]) > 1:
+        print("  per worker     " + ", ".join(f"{k}: {v}" for k, v in
+                                              sorted(s["per_worker_periods"].items())))
+    for w in s["workers"]:
+        print(f"  worker {w['pid']:>7}  peak RSS {w['peak_rss_mb']:.1f} MB (VmHWM "
+              f"{w['hwm_end_mb']:.1f}); after 10 % of periods RSS {fmt(w['rss_10_mb'])} / "
+              f"VmHWM {fmt(w['hwm_10_mb'])} MB; at end RSS {w['rss_end_mb']:.1f} MB; "
+              f"end/10% peak {fmt(w['growth'], '.3f')}; CPU {w['cpu_s']:.2f} s")
+        print("                  RSS MB at 10 %, 20 %, ... 100 % of periods: "
+              + " ".join(fmt(x) for x in w["rss_deciles_mb"]))
+    prof = r.get("profile")
+    if prof:
+        print_profile(prof)
+
+
+def print_profile(prof: dict) -> None:
+    if "error" in prof:
+        print(f"  profile: FAILED: {prof['error']}")
+        return
+    print(f"  profile        {prof['samples']} busy samples ({prof.get('idle_samples', 0)} "
+          f"blocked-wait samples excluded) at {prof['rate']} Hz "
+          f"-> {prof['svg']}, {prof['collapsed']}")
+    print("    by thread:")
+    for t, n, ms in prof["threads"]:
+        print(f"      {n:7d}  {ms:7.2f} ms/period  {t}")
+    if prof.get("run_thread_wall"):
+        print("    run thread wall time (idle included):")
+        for w, n, frac, ms in prof["run_thread_wall"]:
+            print(f"      {frac:6.1%}  {ms:7.2f} ms/period  {w}")
+    print("    CPU by category (leaf-most matching frame, idle excluded):")
+    for c, n, frac, ms in prof["categories"]:
+        print(f"      {frac:6.1%}  {ms:7.2f} ms/period  {c}")
+    print("    top self:")
+    for k, n, frac, ms in prof["self"]:
+        print(f"      {frac:6.1%}  {ms:7.2f} ms/period  {k}")
+    print("    top inclusive:")
+    for k, n, frac, ms in prof["inclusive"]:
+        print(f"      {frac:6.1%}  {ms:7.2f} ms/period  {k}")
+
+
+def print_floor(f: dict, measured_pps: float | None) -> None:
+    print(f"\n=== floor ({f['points']:,} datapoints, {f['periods']} periods, {f['db']}) ===")
+    print(f"  json.loads of the same replies   {f['parse_s']:.3f} s")
+    print(f"  build rows (groupby/metadata JSON) {f['rows_s']:.3f} s")
+    print(f"  insert, SQLAlchemy executemany, 1 tx/period  {f['insert_s']:.3f} s")
+    if f["raw_insert_s"] is not None:
+        print(f"  insert, raw sqlite3 executemany, 1 tx/period {f['raw_insert_s']:.3f} s")
+    print(f"  floor: {f['total_s']:.3f} s = {f['points_per_s']:,.0f} datapoints/s"
+          + (f" (raw sqlite3: {f['raw_points_per_s']:,.0f}/s)" if f["raw_points_per_s"] else ""))
+    if measured_pps:
+        print(f"  measured daemon / floor: {measured_pps / f['points_per_s']:.1%}")
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n=== summary ===")
+    head = (f"{'run':<48} {'periods/s':>9} {'%bound':>7} {'dp/s':>9} {'wall s':>7} "
+            f"{'window s':>8} {'CPU s':>7} {'ms/per':>7} {'inflight':>9} {'RSS MB':>7} "
+            f"{'end/10%':>7} ok")
+    print(head)
+    for s in rows:
+        ok = (s["rc"] == 0 and s["periods"] == s["expected_periods"]
+              and s["points"] == s["expected_points"])
+        rss = max((w["peak_rss_mb"] for w in s["workers"]), default=None)
+        growth = max((w["growth"] or 0 for w in s["workers"]), default=None)
+        print(f"{s['label']:<48} {fmt(s['periods_per_s']):>9} "
+              f"{fmt(s['ratio_to_bound'] and s['ratio_to_bound'] * 100, '.1f'):>7} "
+              f"{fmt(s['points_per_s'], ',.0f'):>9} {s['wall_s']:>7.2f} "
+              f"{fmt(s['window_s'], '.2f'):>8} {s['cpu_tree_s']:>7.2f} "
+              f"{fmt(s['cpu_ms_per_period_worker'], '.2f'):>7} "
+              f"{s['max_inflight']:>4}/{fmt(s['mean_inflight'], '.1f'):>4} "
+              f"{fmt(rss):>7} {fmt(growth, '.3f'):>7} {'yes' if ok else 'NO'}")
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def spec_from_args(args: argparse.Namespace, **over) -> RunSpec:
+    w = dict(WORKLOADS[args.workload])
+    for key in ("scopes", "periods", "series", "latency_ms"):
+        val = getattr(args, key)
+        if val is not None:
+            w[key] = val
+    kw = dict(workload=args.workload, workers=args.workers, greenthreads=args.greenthreads,
+              executor=args.executor, lookahead=args.lookahead,
+              max_periods_per_lock=args.max_periods_per_lock, db=args.db,
+              log_level=args.log_level, **w)
+    kw.update(over)
+    return RunSpec(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Catch-up benchmark of cloudkitty-proc --oneshot against a fake Prometheus.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(__doc__.split("Examples::", 1)[1]))
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
+    ap.add_argument("--scopes", type=int)
+    ap.add_argument("--periods", type=int, help="hourly periods per scope")
+    ap.add_argument("--series", type=int, help="result items per query")
+    ap.add_argument("--latency-ms", type=float, dest="latency_ms")
+    ap.add_argument("--workers", type=int, default=1, help="[orchestrator] max_workers")
+    ap.add_argument("--greenthreads", type=int, default=16,
+                    help="[orchestrator] max_greenthreads")
+    ap.add_argument("--executor", choices=("greenpool", "threads"), default="greenpool",
+                    help="[orchestrator] collect_executor")
+    ap.add_argument("--lookahead", type=int, help="[orchestrator] lookahead_periods")
+    ap.add_argument("--max-periods-per-lock", type=int)
+    ap.add_argument("--db", help="SQLAlchemy URL (default: SQLite in the work directory); "
+                    "its tables are emptied first")
+    ap.add_argument("--log-level", default="INFO",
+                    help="level of the cloudkitty_proc loggers (INFO logs each commit)")
+    ap.add_argument("--server", choices=("subprocess", "inproc"), default="subprocess",
+                    help="run the fake Prometheus as a subprocess (default) or a thread")
+    ap.add_argument("--floor", dest="floor", action="store_true", default=None,
+                    help="also measure the parse+insert floor (default for W2)")
+    ap.add_argument("--no-floor", dest="floor", action="store_false")
+    ap.add_argument("--floor-only", action="store_true")
+    ap.add_argument("--suite", action="store_true",
+                    help="the acceptance runs: W1 with 1 and 2 workers, W2 (+ floor), W3; "
+                    "prints each figure against its target")
+    ap.add_argument("--w3-scopes", type=int, help="scopes of W3 in --suite (default 10,000)")
+    ap.add_argument("--compare", action="store_true",
+                    help="run the matrix executors x greenthreads")
+    ap.add_argument("--compare-executors", default="greenpool,threads")
+    ap.add_argument("--compare-greenthreads", default="8,16,32")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--profile", choices=("none", "py-spy"), default="none",
+                    help="py-spy the first worker: flame graph SVG, collapsed stacks and "
+                    "the top costs per period")
+    ap.add_argument("--profile-rate", type=int, default=200)
+    ap.add_argument("--profile-top", type=int, default=20)
+    ap.add_argument("--profile-out",
+                    default=os.path.join(tempfile.gettempdir(), "ckp-bench-profiles"))
+    ap.add_argument("--workdir", help="parent of the per-run work directories")
+    ap.add_argument("--keep", action="store_true", help="keep work directories (logs, DB)")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--stall-timeout", type=float, default=120,
+                    help="no commit for this many seconds: dump the workers' stacks "
+                    "(py-spy), stop the daemon and keep its work directory (0: never)")
+    ap.add_argument("--json", help="append one JSON line per run to this file")
+    args = ap.parse_args(argv)
+
+    specs: list[RunSpec] = []
+    if args.suite:
+        # the acceptance runs of issue 6 (same executor/greenthreads flags)
+        args.workload = "W1"
+        specs += [spec_from_args(args, workers=1), spec_from_args(args, workers=2)]
+        args.workload = "W2"
+        specs.append(spec_from_args(args, workers=1))
+        args.workload = "W3"
+        specs.append(spec_from_args(args, workers=1,
+                                    **({"scopes": args.w3_scopes} if args.w3_scopes else {})))
+    elif args.compare:
+        for ex in args.compare_executors.split(","):
+            for g in args.compare_greenthreads.split(","):
+                specs.append(spec_from_args(args, executor=ex.strip(), greenthreads=int(g)))
+    else:
+        specs.append(spec_from_args(args))
+    if args.floor_only:
+        specs = specs[:1]
+    floor_specs = [sp for sp in specs if sp.workload == "W2"][:1]
+    if args.floor or (args.floor is None and not floor_specs and args.floor_only):
+        floor_specs = specs[:1]
+    if args.floor is False:
+        floor_specs = []
+
+    summaries = []
+    if not args.floor_only:
+        for spec in specs:
+            for _ in range(args.repeat):
+                print(f"running {spec.label} ...", flush=True)
+                r = run_one(spec, args)
+                s = summarize(r, spec)
+                summaries.append(s)
+                print_run(s, r, spec)
+                if args.json:
+                    with open(args.json, "a") as fh:
+                        fh.write(json.dumps({"summary": s, "profile": r.get("profile"),
+                                             "at": time.time()}, default=str) + "\n")
+        if len(summaries) > 1:
+            print_table(summaries)
+    for fspec in floor_specs:
+        f = measure_floor(fspec, args.workdir)
+        best = max((s["points_per_s"] or 0 for s in summaries
+                    if s["label"] == fspec.label), default=None)
+        print_floor(f, best)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps({"floor": f, "spec": fspec.label}) + "\n")
+    if args.suite:
+        print_targets(summaries)
+    bad = [s for s in summaries if s["rc"] != 0 or s["periods"] != s["expected_periods"]]
+    return 1 if bad else 0
+
+
+def print_targets(summaries: list[dict]) -> None:
+    """Issue 6 acceptance figures against their targets."""
+    print("\n=== issue 6 targets ===")
+    for s in summaries:
+        label = s["label"]
+        if label.startswith("W1") and " w=1 " in label:
+            got, want, what = s["periods_per_s"], 144.0, "periods/s"
+        elif label.startswith("W1") and " w=2 " in label:
+            got, want, what = s["periods_per_s"], 280.0, "periods/s"
+        elif label.startswith("W2"):
+            got, want, what = s["points_per_s"], 46_000.0, "rated+stored datapoints/s"
+        elif label.startswith("W3"):
+            growth = max((w["growth"] or 0 for w in s["workers"]), default=None)
+            ok = growth is not None and growth <= 1.10
+            print(f"  {'PASS' if ok else 'FAIL'}  {label}: peak RSS end / after 10 % = "
+                  f"{fmt(growth, '.3f')} (target <= 1.100)")
+            continue
+        else:
+            continue
+        ok = got is not None and got >= want
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}: {fmt(got, ',.1f')} {what} "
+              f"(target >= {want:,.0f}; {fmt(got and got / want * 100, '.0f')} %)")
+
+if __name__ == "__main__":
+    sys.exit(main())
