@@ -314,7 +314,7 @@ rating_opts = [
 pyscripts_opts = [
     cfg.StrOpt(
         "scripts_dir",
-        help="Directory whose *.py files are the pyscripts, run in file "
+        help="Directory whose .py files are the pyscripts, run in file "
         "name order. Ignored when scripts is set.",
     ),
     cfg.ListOpt(

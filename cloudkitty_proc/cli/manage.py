@@ -185,6 +185,23 @@ def _time_arg(value: str | None, name: str):
         raise ConfigError(str(exc)) from None
 
 
+def _export_with_progress(rows, out, fmt: str, output: str) -> int:
+    """Export with a live row counter on the terminal (stderr)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("exporting to {task.description}"),
+                  TextColumn("{task.completed:,} rows"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(output, total=None)
+
+        def counted():
+            for i, row in enumerate(rows, 1):
+                if i % 5000 == 0:
+                    progress.update(task, completed=i)
+                yield row
+        return report.write_export(counted(), out, fmt)
+
+
 def cmd_export() -> int:
     cmd = CONF.command
     begin = _time_arg(cmd.begin, "--begin")
@@ -199,7 +216,10 @@ def cmd_export() -> int:
             def rows():
                 for scope in sorted(scopes, key=lambda s: s or ""):
                     yield from storage.iter_rated(scope, begin, end)
-            count = report.write_export(rows(), out, cmd.fmt)
+            if cmd.output and sys.stderr.isatty():
+                count = _export_with_progress(rows(), out, cmd.fmt, cmd.output)
+            else:
+                count = report.write_export(rows(), out, cmd.fmt)
         finally:
             if cmd.output:
                 out.close()

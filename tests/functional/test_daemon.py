@@ -85,3 +85,28 @@ def test_daemon_refuses_old_schema(tmp_path, sqlite_url):
     assert proc.returncode == 1
     assert "cloudkitty-proc-manage db upgrade" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_filters_and_formats(tmp_path, sqlite_url):
+    import csv
+    import json
+
+    ds = datagen.generate(n_scopes=3, hours=6, seed=21)
+    conf = _prepare(tmp_path, sqlite_url, ds, workers=1)
+    assert daemon.run_oneshot(conf).returncode == 0
+    every = daemon.export(conf)
+    scope = ds.scopes[1]
+    window = daemon.export(conf, "--scope", scope, "--begin", "2026-01-01T02:00:00",
+                           "--end", "2026-01-01T04:00:00Z")
+    # half-open window on the period start, one scope, times without offset are UTC
+    assert window == [r for r in every if r["scope_id"] == scope
+                      and "2026-01-01T02:00:00+00:00" <= r["begin"] < "2026-01-01T04:00:00+00:00"]
+    assert {r["begin"] for r in window} == {"2026-01-01T02:00:00+00:00",
+                                            "2026-01-01T03:00:00+00:00"}
+    out = tmp_path / "all.csv"
+    proc = daemon.manage(conf, "export", "--format", "csv", "--output", str(out))
+    assert f"{len(every)} rows written" in proc.stderr
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [{**r, "groupby": json.loads(r["groupby"]), "metadata": json.loads(r["metadata"])}
+            for r in rows] == every
