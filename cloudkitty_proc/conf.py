@@ -92,6 +92,15 @@ orchestrator_opts = [
         min=1,
         help="Concurrent collector queries per worker.",
     ),
+    cfg.IntOpt(
+        "max_host_queries",
+        default=0,
+        min=0,
+        help="Cap on the collector queries in flight from this host, shared "
+        "evenly by its workers (each gets max(1, max_host_queries // "
+        "max_workers), at most max_greenthreads), to protect the metrics "
+        "backend. 0: no cap beyond max_greenthreads per worker.",
+    ),
     cfg.StrOpt(
         "collect_executor",
         default="greenpool",

@@ -475,6 +475,16 @@ def _drain(handles) -> None:
             pass
 
 
+def pool_size(conf: cfg.ConfigOpts) -> int:
+    """Concurrent queries of one worker: max_greenthreads, within its share
+    of [orchestrator] max_host_queries."""
+    size = conf.orchestrator.max_greenthreads
+    cap = conf.orchestrator.max_host_queries
+    if cap:
+        size = min(size, max(1, cap // max(conf.orchestrator.max_workers, 1)))
+    return size
+
+
 def start_coordinator(conf: cfg.ConfigOpts, member_id: str):
     from tooz import coordination
 
@@ -528,7 +538,7 @@ class Orchestrator(cotyledon.Service):
             fetcher = plugins.load_fetcher(conf)
             chain = plugins.load_rating_chain(conf)
             self._executor = make_executor(conf.orchestrator.collect_executor,
-                                           conf.orchestrator.max_greenthreads)
+                                           pool_size(conf))
             self._coordinator = start_coordinator(
                 conf, f"{self.worker_name}-{os.getpid()}")
         except ConfigError as exc:

@@ -251,3 +251,15 @@ def test_due_rule():
     assert is_due(T0 + 4 * HOUR, now, 3600, 0, None)
     # [collect] end bounds the work
     assert not is_due(T0 + 3 * HOUR, now, 3600, 2, T0 + 3 * HOUR)
+
+
+def test_host_query_cap_is_shared_by_workers(conf):
+    from cloudkitty_proc.orchestrator import pool_size
+
+    conf.set_override("max_greenthreads", 16, group="orchestrator")
+    conf.set_override("max_workers", 4, group="orchestrator")
+    assert pool_size(conf) == 16
+    conf.set_override("max_host_queries", 20, group="orchestrator")
+    assert pool_size(conf) == 5
+    conf.set_override("max_host_queries", 2, group="orchestrator")
+    assert pool_size(conf) == 1
