@@ -8,10 +8,12 @@ metadata split, unit conversion and mutate exactly as CloudKitty does).
 
 Threading: ``retrieve()`` is called concurrently from the worker's collect
 executor (eventlet green threads by default, or real threads). A plugin must
-therefore be safe to call concurrently and must only do *green* I/O:
-``eventlet.import_patched("requests")`` or ``eventlet.green`` modules, never
-global monkey patching (see doc/source/design.rst). CPU-only plugins (the
-file collector) need nothing special.
+therefore be safe to call concurrently, and its I/O must suit the executor
+(``conf.orchestrator.collect_executor``): with ``greenpool``, *green* I/O
+only (``eventlet.import_patched(...)`` or ``eventlet.green`` modules, never
+global monkey patching, see doc/source/design.rst); with ``threads``, plain
+blocking I/O (green sockets used from real threads can park a thread for
+good). CPU-only plugins (the file collector) need nothing special.
 
 Skipping: ``retrieve()`` drops the datapoints for which the metric's
 ``skip_datapoints_expression`` (metrics.yml) is true, or, for a metric
@@ -85,28 +87,66 @@ class BaseCollector(abc.ABC):
                  begin: datetime.datetime, end: datetime.datetime) -> list[DataPoint]:
         """fetch() + conversion into DataPoints (price 0), minus the
         datapoints the skip expression drops."""
-        points = []
+        return self.to_points(metric, scope_id, self.fetch(metric, scope_id, begin, end))
+
+    def to_points(self, metric: MetricDef, scope_id: str,
+                  series: Iterable[RawSeries]) -> list[DataPoint]:
+        """The DataPoints of fetched series (see retrieve).
+
+        Per series: :meth:`quantity` (CollectError "malformed" when it
+        refuses the value), ``groupby`` = the metric's groupby labels (""
+        when absent, values through ``str``) with the scope key set to
+        ``scope_id``, ``metadata`` likewise, then the skip expression.
+        """
+        points: list[DataPoint] = []
+        append = points.append
         unit = metric.unit
         skip = self.skip_expression_for(metric)
-        for labels, raw in self.fetch(metric, scope_id, begin, end):
+        # quantity() inlined, unless a plugin overrides it
+        convert = metric.convert if self.quantity is BaseCollector.quantity else None
+        range_function = bool(metric.extra_args.get("range_function"))
+        scope_key = self.scope_key
+        # The keys once per call; the scope key keeps its place in groupby.
+        gkeys = metric.groupby
+        mkeys = metric.metadata
+        new = tuple.__new__
+        for labels, raw in series:
             try:
-                qty = metric.convert(raw)
-            except ValueError as exc:
-                raise CollectError(f"malformed value in reply: {exc}", metric=metric.label,
-                                   scope_id=scope_id, kind="malformed") from None
-            if qty < 0 and not metric.extra_args.get("range_function"):
-                # Usage is never negative; a negative value is a broken
-                # exporter or backend, not something to bill.
-                raise CollectError(f"negative quantity {raw!r} in reply",
-                                   metric=metric.label, scope_id=scope_id, kind="malformed")
-            groupby = {key: str(labels.get(key, "")) for key in metric.groupby}
-            groupby[self.scope_key] = scope_id
-            metadata = {key: str(labels.get(key, "")) for key in metric.metadata}
-            point = DataPoint(unit, qty, ZERO, groupby, metadata)
+                if convert is None:
+                    raise ValueError
+                qty = convert(raw)
+                if qty < ZERO and not range_function:
+                    raise ValueError
+            except ValueError:
+                try:
+                    qty = self.quantity(metric, raw)   # the message
+                except ValueError as exc:
+                    raise CollectError(str(exc), metric=metric.label, scope_id=scope_id,
+                                       kind="malformed") from None
+            get = labels.get
+            groupby = {key: str(get(key, "")) for key in gkeys}
+            groupby[scope_key] = scope_id
+            metadata = {key: str(get(key, "")) for key in mkeys} if mkeys else {}
+            point = new(DataPoint, (unit, qty, ZERO, groupby, metadata))
             if skip is not None and self._skipped(skip, metric, point):
                 continue
-            points.append(point)
+            append(point)
         return points
+
+    @staticmethod
+    def quantity(metric: MetricDef, raw: str) -> decimal.Decimal:
+        """The quantity of a raw value (``metric.convert``); ValueError
+        naming the problem for a value that is not a finite number or is
+        negative. Plugins may call it on their replies to retry them."""
+        try:
+            qty = metric.convert(raw)
+        except ValueError as exc:
+            raise ValueError(f"malformed value in reply: {exc}") from None
+        if qty < 0 and not metric.extra_args.get("range_function"):
+            # Usage is never negative; a negative value is a broken
+            # exporter or backend, not something to bill.
+            raise ValueError(f"negative quantity {raw!r} in reply")
+        return qty
 
     def _skipped(self, skip: expressions.Expression, metric: MetricDef,
                  point: DataPoint) -> bool:

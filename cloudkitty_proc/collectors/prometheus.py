@@ -8,42 +8,72 @@ as an instant query at ``time=end``::
 
 and returns one (labels, value) pair per item of the reply.
 
-I/O is green without monkey patching: ``requests`` is imported through
-``eventlet.import_patched`` (together with urllib3, which does the socket
-work, see :func:`_green_requests`), so concurrent queries from the worker's
-GreenPool overlap. Each collector keeps one ``requests.Session`` (a pool of
-keep-alive connections sized for ``[orchestrator] max_greenthreads``).
+HTTP: a small client of our own (:class:`_ConnectionPool`) over the
+standard library's ``http.client``, not ``requests``: on the CPU-bound
+eventlet hub every query counts, and requests' per-call machinery (request
+preparation, proxy environment lookup on every call, URL re-encoding) cost
+about three times what the query itself does. Each collector keeps a pool
+of keep-alive connections sized ``max(10, [orchestrator] max_greenthreads)``;
+the query string is encoded once per query, the headers (basic
+authentication included) once per collector; replies may be gzip-encoded.
+TLS follows ``cafile`` / ``insecure``; HTTP(S) proxies are taken from the
+environment (``http_proxy``, ``https_proxy``, ``all_proxy``, ``no_proxy``)
+once, when the collector is built.
+
+Green or not, by ``[orchestrator] collect_executor``:
+
+* ``greenpool`` (default): ``http.client`` is imported through
+  ``eventlet.import_patched`` (green ``socket`` and ``ssl``, no monkey
+  patching, see :func:`_http_modules`), so concurrent queries from the
+  worker's GreenPool overlap and waits (timeouts, retry backoff) are green;
+* ``threads``: the plain ``http.client``, ``ssl`` and ``time.sleep``. Green
+  sockets used from real threads would each run in a hub of their own
+  thread, where a lost wake-up parks the thread for good (timeouts
+  included).
 
 Errors (all :class:`~cloudkitty_proc.exceptions.CollectError`, naming the
 URL without credentials, the metric and the scope):
 
-* timeouts (kind ``timeout``), connection failures (``connection``) and HTTP
-  5xx (``http``) are retried ``[collector_prometheus] retries`` times with
-  exponential backoff capped at ``max_backoff`` seconds (green sleeps);
-* HTTP 4xx (``http``), a reply that is not Prometheus' JSON, a
-  ``"status": "error"`` reply or a result that is not an instant vector
-  (``malformed``) fail at once.
+* timeouts (kind ``timeout``; ``timeout`` applies to the connection and to
+  every read), connection failures (``connection``, TLS errors included),
+  HTTP 5xx (``http``) and malformed replies (``malformed``: not
+  Prometheus' JSON, a ``"status": "error"`` reply, a result that is not an
+  instant vector, and, from :meth:`PrometheusCollector.retrieve`, a value
+  that is not a finite number or is negative: a proxy or exporter hiccup)
+  are retried ``[collector_prometheus] retries`` times with exponential
+  backoff capped at ``max_backoff`` seconds (green sleeps with the
+  GreenPool), then fail with " (after N attempts)";
+* HTTP 4xx (``http``) fails at once.
+
+A keep-alive connection that the server closed while it was idle is
+replaced and the request sent again once, at once (not a retry).
 
 An empty result is no data (``[]``), not an error.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
+import errno
 import json
 import logging
-import sys
+import os
 import threading
+import time
 import urllib.parse
 import warnings
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import tenacity
 from oslo_config import cfg
 
+from cloudkitty_proc import __version__
 from cloudkitty_proc.collectors import _promql
 from cloudkitty_proc.collectors.base import BaseCollector, RawSeries
+from cloudkitty_proc.dataframe import DataPoint
 from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, MetricDef, MetricsConf
 
@@ -53,44 +83,43 @@ warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 
 LOG = logging.getLogger(__name__)
 
-_GREEN_REQUESTS: Any = None
+_QUERY_PATH = "/api/v1/query"
+
+_GREEN_HTTP: tuple[Any, Any] | None = None
 _GREEN_LOCK = threading.Lock()
-_REPATCHED = ("requests", "urllib3")
 
 
-def _is_repatched(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in _REPATCHED)
+def _http_modules(green: bool) -> tuple[Any, Any]:
+    """(``http.client``, ``ssl``): green ones, or the standard modules.
 
-
-def _green_requests():
-    """``requests`` with green sockets, imported once per process.
-
-    ``eventlet.import_patched("requests")`` re-imports only ``requests``
-    and its sub-modules; urllib3, which opens and reads the sockets, is
-    taken from ``sys.modules`` when something imported it before (plain
-    ``import requests`` anywhere in the process does), and then every
-    query blocks the whole process. So urllib3 is set aside and re-imported
-    under the patch too, and afterwards ``sys.modules`` is put back as it
-    was: the rest of the process keeps the plain modules.
+    The green ``http.client`` is the standard library's module imported
+    once per process by ``eventlet.import_patched``, which resolves its
+    ``socket`` and ``ssl`` imports to ``eventlet.green`` modules for that
+    import only; ``sys.modules`` keeps the plain ``http.client``, and so
+    does the ``http`` package's ``client`` attribute (the import rebinds
+    it: put back here, or every ``http.client.X`` in the process, e.g. in
+    ``urllib.request``, would turn green).
     """
-    global _GREEN_REQUESTS
-    if _GREEN_REQUESTS is not None:
-        return _GREEN_REQUESTS
-    with _GREEN_LOCK:
-        if _GREEN_REQUESTS is None:
-            saved = {n: m for n, m in sys.modules.items() if _is_repatched(n)}
-            for name in saved:
-                del sys.modules[name]
-            import eventlet
+    import http
+    import http.client
+    import ssl
 
-            try:
-                module = eventlet.import_patched("requests")
-            finally:
-                for name in [n for n in sys.modules if _is_repatched(n)]:
-                    del sys.modules[name]
-                sys.modules.update(saved)
-            _GREEN_REQUESTS = module
-    return _GREEN_REQUESTS
+    if not green:
+        return http.client, ssl
+    global _GREEN_HTTP
+    if _GREEN_HTTP is None:
+        with _GREEN_LOCK:
+            if _GREEN_HTTP is None:
+                import eventlet
+                from eventlet.green import ssl as green_ssl
+
+                plain = http.client
+                try:
+                    module = eventlet.import_patched("http.client")
+                finally:
+                    http.client = plain
+                _GREEN_HTTP = (module, green_ssl)
+    return _GREEN_HTTP
 
 
 def _green_sleep(seconds: float) -> None:
@@ -112,11 +141,267 @@ def safe_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
+def _basic_auth(user: str, password: str) -> str:
+    # As requests does: latin-1 first (RFC 7617's historical default).
+    try:
+        raw = f"{user}:{password}".encode("latin-1")
+    except UnicodeEncodeError:
+        raw = f"{user}:{password}".encode("utf-8")
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
 class _Retryable(Exception):
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
         self.message = message
         self.kind = kind
+
+
+class _TransportError(Exception):
+    """A request that got no complete reply: ``kind`` is ``timeout`` or
+    ``connection``; the message says why (no URL)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+
+class _ConnectionPool:
+    """Keep-alive HTTP/1.1 connections to one Prometheus server.
+
+    ``get(target)`` takes an idle connection (or opens one), sends
+    ``GET target`` with the precomputed headers and returns (status, reason,
+    body). At most ``size`` idle connections are kept; more concurrent
+    requests open extra connections, closed after use. Safe to use from
+    green threads and from real threads (``list.pop`` / ``append`` are
+    atomic).
+    """
+
+    def __init__(self, url: str, *, green: bool, timeout: float, size: int,
+                 user: str | None, password: str | None, cafile: str | None,
+                 insecure: bool) -> None:
+        client, ssl = _http_modules(green)
+        self._client = client
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"[collector_prometheus] prometheus_url {safe_url(url)!r}: "
+                             "expected http(s)://host[:port][/path]")
+        self.https = scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.https else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.size = size
+        self._idle: list[Any] = []
+        self._closed = False
+
+        headers = {
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip",
+            "User-Agent": f"cloudkitty-proc/{__version__}",
+        }
+        if user:
+            headers["Authorization"] = _basic_auth(user, password or "")
+        elif parts.username is not None:
+            # Credentials in the URL, as requests used them.
+            headers["Authorization"] = _basic_auth(
+                urllib.parse.unquote(parts.username),
+                urllib.parse.unquote(parts.password or ""))
+
+        self._context = None
+        if self.https:
+            if cafile:
+                context = ssl.create_default_context(cafile=cafile)
+            else:
+                context = ssl.create_default_context()
+                if insecure:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                else:
+                    # requests trusted certifi's bundle: keep trusting it,
+                    # on top of the system's store.
+                    try:
+                        import certifi
+
+                        context.load_verify_locations(certifi.where())
+                    except (ImportError, OSError):
+                        pass
+            self._context = context
+
+        # Proxies from the environment, as requests found them (once here,
+        # not per query).
+        self._proxy: tuple[str, int] | None = None
+        self._tunnel_headers: dict[str, str] | None = None
+        self._absolute = ""
+        proxy = self._environ_proxy(scheme, parts)
+        if proxy is not None:
+            pparts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            if pparts.scheme.lower() != "http" or not pparts.hostname:
+                raise ValueError(f"proxy {safe_url(proxy)!r} from the environment: only "
+                                 "http:// proxies are supported")
+            self._proxy = (pparts.hostname, pparts.port or 80)
+            proxy_auth = None
+            if pparts.username is not None:
+                proxy_auth = _basic_auth(urllib.parse.unquote(pparts.username),
+                                         urllib.parse.unquote(pparts.password or ""))
+            if self.https:
+                self._tunnel_headers = ({"Proxy-Authorization": proxy_auth}
+                                        if proxy_auth else {})
+            else:
+                # Plain HTTP through a proxy: absolute URIs.
+                netloc = f"[{self.host}]" if ":" in self.host else self.host
+                self._absolute = f"http://{netloc}:{self.port}"
+                if proxy_auth:
+                    headers["Proxy-Authorization"] = proxy_auth
+        self._headers = tuple(headers.items())
+
+    @staticmethod
+    def _environ_proxy(scheme: str, parts: urllib.parse.SplitResult) -> str | None:
+        import urllib.request
+
+        proxies = urllib.request.getproxies_environment()
+        proxy = proxies.get(scheme) or proxies.get("all")
+        if not proxy:
+            return None
+        host = parts.hostname or ""
+        hostport = f"{host}:{parts.port}" if parts.port else host
+        if (urllib.request.proxy_bypass_environment(host, proxies)
+                or urllib.request.proxy_bypass_environment(hostport, proxies)):
+            return None
+        return proxy
+
+    def target(self, path: str, query: str | None) -> str:
+        """The request target of ``path`` (relative to the base URL)."""
+        target = self._absolute + self.prefix + path
+        return f"{target}?{query}" if query else target
+
+    def _connect(self) -> Any:
+        client = self._client
+        host, port = self._proxy or (self.host, self.port)
+        if self.https:
+            conn = client.HTTPSConnection(host, port, timeout=self.timeout,
+                                          context=self._context)
+            if self._proxy is not None:
+                conn.set_tunnel(self.host, self.port, headers=self._tunnel_headers)
+        else:
+            conn = client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            conn.connect()
+        except TimeoutError:
+            conn.close()
+            raise _TransportError(f"timed out after {self.timeout:g} s (ConnectTimeout)",
+                                  "timeout") from None
+        except Exception as exc:
+            conn.close()
+            raise _TransportError(f"connection failed: {_connect_reason(exc)}",
+                                  "connection") from None
+        return conn
+
+    def get(self, target: str) -> tuple[int, str, bytes]:
+        """(status, reason, body) of ``GET target``; raises _TransportError."""
+        client = self._client
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            pass
+        else:
+            try:
+                return self._exchange(conn, target)
+            except (ConnectionError, client.BadStatusLine) as exc:
+                # The server closed the idle keep-alive connection before
+                # this request (RemoteDisconnected, reset, broken pipe):
+                # a new connection, once, at once.
+                LOG.debug("%s: keep-alive connection lost (%s), reconnecting",
+                          self.host, type(exc).__name__)
+            except (client.HTTPException, OSError) as exc:
+                raise _TransportError(f"connection failed: {_read_reason(exc)}",
+                                      "connection") from None
+        conn = self._connect()
+        try:
+            return self._exchange(conn, target)
+        except (client.HTTPException, OSError) as exc:
+            raise _TransportError(f"connection failed: {_read_reason(exc)}",
+                                  "connection") from None
+
+    def _exchange(self, conn: Any, target: str) -> tuple[int, str, bytes]:
+        """One request on ``conn``, which goes back to the pool, or is
+        closed (error, ``Connection: close``, pool full or closed).
+
+        Raises _TransportError for a timeout or a reply cut short; the
+        errors before the status line (a stale connection) as they are.
+        """
+        ok = False
+        try:
+            conn.putrequest("GET", target, skip_accept_encoding=True)
+            for name, value in self._headers:
+                conn.putheader(name, value)
+            conn.endheaders()
+            resp = conn.getresponse()
+            try:
+                body = resp.read()
+            except (ConnectionError, self._client.HTTPException) as exc:
+                # After the status line: not a stale connection.
+                raise _TransportError(f"connection failed: {_read_reason(exc)}",
+                                      "connection") from None
+            ok = not resp.will_close
+        except TimeoutError:
+            raise _TransportError(f"timed out after {self.timeout:g} s (ReadTimeout)",
+                                  "timeout") from None
+        finally:
+            if ok and not self._closed and len(self._idle) < self.size:
+                self._idle.append(conn)
+            else:
+                conn.close()
+        encoding = resp.getheader("Content-Encoding")
+        if encoding:
+            body = _decode(body, encoding)
+        return resp.status, resp.reason, body
+
+    def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class _DecodeError(ValueError):
+    pass
+
+
+def _decode(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            try:
+                return zlib.decompress(body)
+            except zlib.error:
+                return zlib.decompress(body, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise _DecodeError(f"cannot decode the {encoding} reply: {exc}") from None
+    return body
+
+
+def _connect_reason(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name.startswith("SSL") or name == "CertificateError":
+        return f"TLS: {exc}"
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0 and exc.strerror == errno.errorcode.get(code):
+        # eventlet's green sockets say "[Errno 111] ECONNREFUSED"
+        return f"Failed to establish a new connection: [Errno {code}] {os.strerror(code)}"
+    return f"Failed to establish a new connection: {exc}"
+
+
+def _read_reason(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    if name.startswith("SSL"):
+        return f"TLS: {text}"
+    return f"Connection aborted: {name}: {text}" if text else f"Connection aborted: {name}"
 
 
 class PrometheusCollector(BaseCollector):
@@ -130,40 +415,29 @@ class PrometheusCollector(BaseCollector):
         self.timeout = group.timeout
         self.retries = group.retries
         self.max_backoff = group.max_backoff
-        requests = _green_requests()
-        self._requests = requests
-        session = requests.Session()
+        #: green I/O for the GreenPool executor, plain I/O for real threads
+        self.green = conf.orchestrator.collect_executor != "threads"
+        self._sleep = _green_sleep if self.green else time.sleep
+        self._query_where = f"GET {self.safe_url}{_QUERY_PATH}"
         # One keep-alive connection per concurrent query of the worker.
-        pool_size = max(10, conf.orchestrator.max_greenthreads)
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        if group.prometheus_user:
-            session.auth = (group.prometheus_user, group.prometheus_password or "")
-        if group.cafile:
-            session.verify = group.cafile
-        else:
-            session.verify = not group.insecure
-        session.headers["Accept"] = "application/json"
-        self._session = session
+        self._pool = _ConnectionPool(
+            self.url, green=self.green, timeout=self.timeout,
+            size=max(10, conf.orchestrator.max_greenthreads),
+            user=group.prometheus_user, password=group.prometheus_password,
+            cafile=group.cafile, insecure=group.insecure)
 
     # -- public API ---------------------------------------------------------
 
     def fetch(self, metric: MetricDef, scope_id: str,
               begin: datetime.datetime, end: datetime.datetime) -> Iterable[RawSeries]:
-        query = _promql.build_query(metric, self.scope_key, scope_id,
-                                    _promql.period_seconds(begin, end))
-        params = {"query": query, "time": _promql.rfc3339(end)}
-        try:
-            data = self._get_with_retries("/api/v1/query", params,
-                                          f"scope {scope_id}, metric {metric.label}")
-        except _Retryable as exc:   # retries exhausted
-            raise CollectError(exc.message, metric=metric.label, scope_id=scope_id,
-                               kind=exc.kind) from None
-        except CollectError as exc:
-            raise CollectError(str(exc), metric=metric.label, scope_id=scope_id,
-                               kind=exc.kind) from None
-        return self._vector(data, metric, scope_id, query)
+        return self._collect(metric, scope_id, begin, end, False)
+
+    def retrieve(self, metric: MetricDef, scope_id: str,
+                 begin: datetime.datetime, end: datetime.datetime) -> list[DataPoint]:
+        """As BaseCollector.retrieve, but a reply with a value that is not
+        a finite number, or a negative one, is retried like any malformed
+        reply."""
+        return self._collect(metric, scope_id, begin, end, True)
 
     def check(self) -> None:
         """Query ``/api/v1/status/buildinfo`` once (no retry).
@@ -181,12 +455,52 @@ class PrometheusCollector(BaseCollector):
                                kind=exc.kind) from None
 
     def close(self) -> None:
-        self._session.close()
+        self._pool.close()
 
-    # -- HTTP ---------------------------------------------------------------
+    # -- one query ------------------------------------------------------------
 
-    def _get_with_retries(self, path: str, params: dict[str, str], context: str) -> dict:
+    def _collect(self, metric: MetricDef, scope_id: str, begin: datetime.datetime,
+                 end: datetime.datetime, points: bool) -> Any:
+        query = _promql.build_query(metric, self.scope_key, scope_id,
+                                    _promql.period_seconds(begin, end))
+        params = {"query": query, "time": _promql.rfc3339(end)}
+
+        def once() -> Any:
+            series = self._vector(self._get(_QUERY_PATH, params), query)
+            if not points:
+                return series
+            try:
+                return self.to_points(metric, scope_id, series)
+            except CollectError as exc:   # a value that is not a quantity
+                msg = str(exc)
+                prefix = f"scope {scope_id}, metric {metric.label}: "
+                if msg.startswith(prefix):
+                    msg = msg[len(prefix):]
+                # The message the file collector gives, retried.
+                raise _Retryable(msg, exc.kind) from None
+
+        try:
+            return self._with_retries(once, f"scope {scope_id}, metric {metric.label}")
+        except (_Retryable, CollectError) as exc:   # retries exhausted, or 4xx
+            message = exc.message if isinstance(exc, _Retryable) else str(exc)
+            raise CollectError(message, metric=metric.label, scope_id=scope_id,
+                               kind=exc.kind) from None
+
+    def _with_retries(self, fn: Callable[[], Any], context: str) -> Any:
         attempts = self.retries + 1
+        try:
+            # The first attempt outside tenacity: nothing to set up for the
+            # queries that succeed (nearly all of them).
+            return fn()
+        except _Retryable as exc:
+            if attempts == 1:
+                raise
+            first: list[_Retryable] = [exc]
+
+        def attempt() -> Any:
+            if first:
+                raise first.pop()   # attempt 1, already made
+            return fn()
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -197,83 +511,83 @@ class PrometheusCollector(BaseCollector):
             stop=tenacity.stop_after_attempt(attempts),
             wait=tenacity.wait_exponential(multiplier=0.5, max=self.max_backoff),
             retry=tenacity.retry_if_exception_type(_Retryable),
-            sleep=_green_sleep,
+            sleep=self._sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
         try:
-            return retrying(self._get, path, params)
+            return retrying(attempt)
         except _Retryable as exc:
-            if attempts > 1:
-                exc.message += f" (after {attempts} attempts)"
+            exc.message += f" (after {attempts} attempts)"
             raise
 
+    # -- HTTP ---------------------------------------------------------------
+
     def _get(self, path: str, params: dict[str, str] | None) -> dict:
-        requests = self._requests
+        """The JSON object of a ``"status": "success"`` reply.
+
+        Raises _Retryable (timeout, connection, 5xx, malformed reply) or
+        CollectError (4xx).
+        """
         where = f"GET {self.safe_url}{path}"
+        target = self._pool.target(path, urllib.parse.urlencode(params) if params else None)
         try:
-            resp = self._session.get(self.url + path, params=params, timeout=self.timeout)
-        except requests.exceptions.Timeout as exc:
-            raise _Retryable(f"{where}: timed out after {self.timeout:g} s "
-                             f"({type(exc).__name__})", "timeout") from None
-        except requests.exceptions.ConnectionError as exc:
-            raise _Retryable(f"{where}: connection failed: {_reason(exc)}",
-                             "connection") from None
-        except requests.exceptions.RequestException as exc:
-            raise CollectError(f"{where}: {_reason(exc)}", kind="connection") from None
-        status = resp.status_code
-        body = resp.content
+            status, reason, body = self._pool.get(target)
+        except _TransportError as exc:
+            raise _Retryable(f"{where}: {exc.message}", exc.kind) from None
+        except _DecodeError as exc:
+            raise _Retryable(f"{where}: {exc}", "malformed") from None
         if status >= 500:
-            raise _Retryable(f"{where}: HTTP {status} {resp.reason}: {_excerpt(body)}", "http")
+            raise _Retryable(f"{where}: HTTP {status} {reason}: {_excerpt(body)}", "http")
         if status >= 400:
             detail = _error_detail(body)
-            msg = f"{where}: HTTP {status} {resp.reason}: {detail}"
+            msg = f"{where}: HTTP {status} {reason}: {detail}"
             if params and "query" in params:
                 msg += f" (query: {params['query']})"
             raise CollectError(msg, kind="http")
         try:
-            data = resp.json()
+            data = json.loads(body)
         except ValueError:
-            raise CollectError(f"{where}: reply is not JSON: {_excerpt(body)}",
-                               kind="malformed") from None
-        if not isinstance(data, dict):
-            raise CollectError(f"{where}: reply is not a JSON object: {_excerpt(body)}",
-                               kind="malformed")
+            raise _Retryable(f"{where}: reply is not JSON: {_excerpt(body)}",
+                             "malformed") from None
+        if type(data) is not dict:
+            raise _Retryable(f"{where}: reply is not a JSON object: {_excerpt(body)}",
+                             "malformed")
         if data.get("status") != "success":
             msg = (f"{where}: Prometheus answered status {data.get('status')!r}: "
                    f"{data.get('errorType', '')}: {data.get('error', '')}")
             if params and "query" in params:
                 msg += f" (query: {params['query']})"
-            raise CollectError(msg, kind="malformed")
+            raise _Retryable(msg, "malformed")
         return data
 
-    def _vector(self, data: dict, metric: MetricDef, scope_id: str,
-                query: str) -> list[RawSeries]:
-        where = f"GET {self.safe_url}/api/v1/query"
+    def _vector(self, data: dict, query: str) -> list[RawSeries]:
+        """The (labels, raw value) items of an instant vector reply;
+        _Retryable("malformed") for anything else."""
 
-        def bad(what: str) -> CollectError:
-            return CollectError(f"{where}: {what} (query: {query})", metric=metric.label,
-                                scope_id=scope_id, kind="malformed")
+        def bad(what: str) -> _Retryable:
+            return _Retryable(f"{self._query_where}: {what} (query: {query})", "malformed")
 
         payload = data.get("data")
-        if not isinstance(payload, dict):
+        if type(payload) is not dict:
             raise bad("reply has no 'data' object")
         rtype = payload.get("resultType")
         if rtype != "vector":
             raise bad(f"expected resultType 'vector', got {rtype!r}")
         result = payload.get("result")
-        if not isinstance(result, list):
+        if type(result) is not list:
             raise bad("'data.result' is not a list")
         out: list[RawSeries] = []
+        append = out.append
         for item in result:
             try:
                 labels = item["metric"]
                 value = item["value"][1]
             except (TypeError, KeyError, IndexError):
                 raise bad(f"malformed result item {str(item)[:200]!r}") from None
-            if not isinstance(labels, dict) or not isinstance(value, str):
+            if type(labels) is not dict or type(value) is not str:
                 raise bad(f"malformed result item {str(item)[:200]!r}")
-            out.append((labels, value))
+            append((labels, value))
         return out
 
 
@@ -293,26 +607,3 @@ def _error_detail(body: bytes) -> str:
     if isinstance(data, dict) and "error" in data:
         return f"{data.get('errorType', 'error')}: {data['error']}"
     return _excerpt(body)
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost useful reason of a requests/urllib3 exception."""
-    seen = set()
-    cur: BaseException | None = exc
-    best = str(exc)
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        reason = getattr(cur, "reason", None)
-        if isinstance(reason, BaseException):
-            cur = reason
-            continue
-        if cur.args and isinstance(cur.args[0], BaseException):
-            cur = cur.args[0]
-            continue
-        best = str(cur)
-        break
-    # urllib3 messages look like "<urllib3.connection.HTTPConnection object at
-    # 0x7f..>: Failed to establish a new connection: [Errno 111] Connection refused"
-    if ">: " in best:
-        best = best.split(">: ", 1)[1]
-    return best

@@ -10,11 +10,15 @@ against a small local HTTP server that plays Prometheus.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import datetime
 import http.server
 import importlib.util
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -384,13 +388,30 @@ def test_4xx_fails_at_once():
     b'[1, 2]',
 ])
 def test_malformed_reply(body):
+    """Retried (a proxy or exporter hiccup), then a "malformed" error."""
     with FakePrometheus(lambda h: (200, body)) as fake:
         coll, metric = fake_collector(fake.url, retries=3)
         with pytest.raises(CollectError) as err:
             coll.retrieve(metric, "p1", *hour(0))
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 4
     assert err.value.kind == "malformed"
     assert fake.url in str(err.value) and "instance_up" in str(err.value)
+    assert "after 4 attempts" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-1"])
+def test_nan_infinite_or_negative_value_is_retried_then_refused(value):
+    result = {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"id": "v-1"}, "value": [1767229200, value]}]}}
+    with FakePrometheus(lambda h: (200, result)) as fake:
+        coll, _ = fake_collector(fake.url, retries=2)
+        volume = metrics_conf().by_usage_type()["volume.size"]
+        with pytest.raises(CollectError) as err:
+            coll.retrieve(volume, "p1", *hour(0))
+        # fetch() gives the raw values, unchecked
+        assert coll.fetch(volume, "p1", *hour(0)) == [({"id": "v-1"}, value)]
+    assert len(fake.requests) == 3 + 1
+    assert err.value.kind == "malformed" and repr(value) in str(err.value)
 
 
 def test_negative_value_is_refused():
@@ -499,3 +520,194 @@ def test_fetcher_query_now_and_filters():
         assert fetcher.get_scopes() == ["a", "b"]
     [req] = fake.requests
     assert req["params"] == {"query": 'max(instance_up{region="one"}) by (project_id)'}
+
+
+# ---------------------------------------------------------------------------
+# The HTTP client: plain I/O for real threads, keep-alive, TLS, proxies
+# ---------------------------------------------------------------------------
+
+def executor_collector(url, executor, **options):
+    opts = {"prometheus_url": url, "retries": 0, "max_backoff": 0, **options}
+    mconf = metrics_conf()
+    conf = make_conf(collector_prometheus=opts,
+                     orchestrator={"collect_executor": executor, "max_greenthreads": 16})
+    return PrometheusCollector(conf, mconf), mconf.metrics[0]
+
+
+@pytest.mark.timeout(60)
+def test_threads_executor_uses_plain_io():
+    """collect_executor = threads: 200 queries from 16 real threads all
+    complete, concurrently (green sockets used from real threads could
+    park a thread in its own hub for good, timeouts included)."""
+    with FakePrometheus(delay=0.02) as fake:
+        coll, metric = executor_collector(fake.url, "threads", timeout=10)
+        assert coll.green is False
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(coll.retrieve, metric, "p1", *hour(n % 24))
+                       for n in range(200)]
+            results = [f.result(timeout=30) for f in futures]
+        coll.close()
+    assert results == [[]] * 200
+    assert len(fake.requests) == 200
+    assert fake.max_active > 1, "queries were serialised"
+    # keep-alive: no more connections than threads
+    assert len({r["client"] for r in fake.requests}) <= 16
+
+
+def test_greenpool_executor_uses_green_io():
+    import http
+    import http.client
+
+    from eventlet.green import socket as green_socket
+
+    plain = http.client
+    with FakePrometheus() as fake:
+        coll, metric = executor_collector(fake.url, "greenpool")
+        assert coll.green is True
+        assert coll.retrieve(metric, "p1", *hour(0)) == []
+    green_client = coll._pool._client
+    assert green_client is not plain and green_client.socket is green_socket
+    # the rest of the process keeps the plain module, attribute included
+    assert sys.modules["http.client"] is plain and http.client is plain
+    assert plain.socket is socket
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("executor", ["greenpool", "threads"])
+def test_timeout_in_both_modes(executor):
+    with FakePrometheus(delay=1.0) as fake:
+        coll, metric = executor_collector(fake.url, executor, timeout=0.2, retries=1)
+        t0 = time.monotonic()
+        with pytest.raises(CollectError) as err:
+            coll.retrieve(metric, "p1", *hour(0))
+        elapsed = time.monotonic() - t0
+    assert err.value.kind == "timeout" and "after 2 attempts" in str(err.value)
+    assert elapsed < 0.9
+    assert len(fake.requests) == 2
+
+
+def test_sequential_queries_reconnect_when_the_server_closed_the_connection():
+    """A server that closes every connection after its reply, without
+    saying so: the next query finds a dead keep-alive connection, which is
+    replaced at once (no retry, no error, no duplicate request)."""
+
+    def reply(handler):
+        handler.close_connection = True
+        return 200, EMPTY_VECTOR
+
+    with FakePrometheus(reply) as fake:
+        coll, metric = fake_collector(fake.url)
+        for n in range(4):
+            assert coll.retrieve(metric, "p1", *hour(n)) == []
+            time.sleep(0.05)   # let the server close it
+    assert len(fake.requests) == 4
+    assert len({r["client"] for r in fake.requests}) == 4
+
+
+def test_credentials_in_the_url_are_basic_auth():
+    with FakePrometheus() as fake:
+        url = fake.url.replace("http://", "http://rating:s%40cret@")
+        coll, metric = fake_collector(url)
+        assert coll.safe_url == fake.url
+        coll.retrieve(metric, "p1", *hour(0))
+    expected = "Basic " + base64.b64encode(b"rating:s@cret").decode()
+    assert fake.requests[0]["headers"]["Authorization"] == expected
+
+
+def test_base_url_path_prefix():
+    with FakePrometheus() as fake:
+        coll, metric = fake_collector(fake.url + "/prom/")
+        coll.retrieve(metric, "p1", *hour(0))
+    assert fake.requests[0]["path"] == "/prom/api/v1/query"
+
+
+@pytest.mark.parametrize("url", ["ftp://example.org", "127.0.0.1:9090", "http://"])
+def test_bad_url_is_refused_when_built(url):
+    with pytest.raises(ValueError, match="prometheus_url"):
+        fake_collector(url)
+
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def _clear_proxies(monkeypatch):
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_http_proxy_from_the_environment(monkeypatch):
+    _clear_proxies(monkeypatch)
+    with FakePrometheus() as proxy:
+        monkeypatch.setenv("http_proxy", proxy.url.replace("http://", "http://pu:pp@"))
+        coll, metric = fake_collector("http://prometheus.example:9090")
+        assert coll.retrieve(metric, "p1", *hour(0)) == []
+    [req] = proxy.requests
+    assert req["path"] == "/api/v1/query"
+    assert req["params"]["time"] == "2026-01-01T01:00:00Z"
+    assert req["headers"]["Host"] == "prometheus.example:9090"
+    assert req["headers"]["Proxy-Authorization"] == "Basic " + base64.b64encode(b"pu:pp").decode()
+
+
+def test_no_proxy_is_honoured(monkeypatch):
+    _clear_proxies(monkeypatch)
+    monkeypatch.setenv("http_proxy", _refused_url())
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+    with FakePrometheus() as fake:
+        coll, metric = fake_collector(fake.url)
+        assert coll.retrieve(metric, "p1", *hour(0)) == []
+    assert len(fake.requests) == 1
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 (openssl CLI)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("openssl not on PATH")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2",
+                    "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def tls_fake(cert, key, **kwargs):
+    fake = FakePrometheus(**kwargs)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    fake.server.socket = ctx.wrap_socket(fake.server.socket, server_side=True)
+    fake.url = fake.url.replace("http://", "https://")
+    return fake
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("executor", ["greenpool", "threads"])
+def test_https_cafile_and_insecure(tls_cert, executor, monkeypatch):
+    _clear_proxies(monkeypatch)
+    cert, key = tls_cert
+    with tls_fake(cert, key) as fake:
+        coll, metric = executor_collector(fake.url, executor, cafile=cert)
+        for n in range(3):
+            assert coll.retrieve(metric, "p1", *hour(n)) == []
+        coll.check()
+        coll.close()
+        coll, metric = executor_collector(fake.url, executor, insecure=True)
+        assert coll.retrieve(metric, "p1", *hour(0)) == []
+        coll.close()
+        coll, metric = executor_collector(fake.url, executor)   # verified: refused
+        with pytest.raises(CollectError) as err:
+            coll.retrieve(metric, "p1", *hour(0))
+    assert err.value.kind == "connection"
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) and fake.url in str(err.value)
+    # keep-alive over TLS: the 3 queries and the check on one connection
+    assert len(fake.requests) == 5
+    assert len({r["client"] for r in fake.requests[:4]}) == 1
+
+
+def test_missing_cafile_is_refused_when_built(tmp_path):
+    with pytest.raises(OSError):
+        fake_collector("https://127.0.0.1:9", cafile=str(tmp_path / "nope.pem"))

@@ -19,8 +19,10 @@ from oslo_config import cfg
 
 import cloudkitty_proc.conf as ckconf
 from cloudkitty_proc.collectors import _openmetrics, _promql
+from cloudkitty_proc.collectors.base import BaseCollector
 from cloudkitty_proc.collectors.file import FileCollector
-from cloudkitty_proc.exceptions import ConfigError
+from cloudkitty_proc.dataframe import DataPoint
+from cloudkitty_proc.exceptions import CollectError, ConfigError
 from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, load_metrics_conf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,6 +193,95 @@ def test_groupby_metadata_split_and_missing_labels(tmp_path):
     for p in points:
         assert set(p.groupby) == {"id", "user_id", "project_id"}
         assert set(p.metadata) == {"flavor_name"}
+
+
+class _Series(BaseCollector):
+    """A collector whose fetch() returns given series (to_points alone)."""
+
+    def __init__(self, conf, metrics, series):
+        super().__init__(conf, metrics)
+        self.series = series
+
+    def fetch(self, metric, scope_id, begin, end):
+        return self.series
+
+
+def _reference_points(coll, metric, scope_id, series):
+    """BaseCollector.retrieve's loop as it was first written."""
+    points = []
+    skip = coll.skip_expression_for(metric)
+    for labels, raw in series:
+        try:
+            qty = metric.convert(raw)
+        except ValueError as exc:
+            raise CollectError(f"malformed value in reply: {exc}", metric=metric.label,
+                               scope_id=scope_id, kind="malformed") from None
+        if qty < 0 and not metric.extra_args.get("range_function"):
+            raise CollectError(f"negative quantity {raw!r} in reply",
+                               metric=metric.label, scope_id=scope_id, kind="malformed")
+        groupby = {key: str(labels.get(key, "")) for key in metric.groupby}
+        groupby[coll.scope_key] = scope_id
+        metadata = {key: str(labels.get(key, "")) for key in metric.metadata}
+        point = DataPoint(metric.unit, qty, D(0), groupby, metadata)
+        if skip is not None and coll._skipped(skip, metric, point):
+            continue
+        points.append(point)
+    return points
+
+
+def _outcome(fn):
+    try:
+        return [(p, list(p.groupby), list(p.metadata), type(p)) for p in fn()]
+    except CollectError as exc:
+        return ("error", exc.kind, str(exc))
+
+
+def test_retrieve_points_like_the_reference(tmp_path):
+    """groupby (scope key in its place, set to the scope), metadata, missing
+    labels, non-str label values, mutate, skip expressions (one failing on
+    some points), negative values with and without a range function,
+    non-numbers: the same points, in the same order, or the same error."""
+    mconf = write_metrics(tmp_path, {
+        "inst": {"unit": "instance", "groupby": ["id", "project_id", "user_id"],
+                 "metadata": ["flavor_name", "az"], "mutate": "NUMBOOL"},
+        "vol": {"unit": "GiB", "factor": "1/1073741824", "groupby": ["id"],
+                "metadata": ["volume_type"],
+                "skip_datapoints_expression": "metadata['volume_type'] == 'hdd'"},
+        "cpu": {"unit": "s", "groupby": ["id"],
+                "skip_datapoints_expression": "metadata['x'] < 1 or qty > 5",
+                "extra_args": {"aggregation_method": "max", "range_function": "rate"}},
+        "bare": {"unit": "u"},
+    })
+    rng = __import__("random").Random(3)
+    series = []
+    for i in range(300):
+        labels = {"id": f"r{i}" if i % 7 else i, "project_id": "other",
+                  "user_id": f"u{i % 3}", "flavor_name": "m1.tiny",
+                  "volume_type": rng.choice(["ssd", "hdd"]), "extra": "x"}
+        if i % 5 == 0:
+            del labels["user_id"]
+        if i % 11 == 0:
+            labels["az"] = 1
+        raw = rng.choice(["0", "1", "2.5", "10737418240", "0.123456789012", "7"])
+        series.append((labels, raw))
+    bad = [series + [({"id": "z"}, "-1")], series + [({"id": "z"}, "NaN")],
+           series + [({"id": "z"}, "abc")]]
+    coll = _Series(make_conf(None), mconf, series)
+    for metric in mconf:
+        for case in [series, *bad]:
+            coll.series = case
+            got = _outcome(lambda: coll.retrieve(metric, "p1", *hour(0)))
+            want = _outcome(lambda: _reference_points(coll, metric, "p1", case))
+            assert got == want, metric.name
+        coll.series = series
+        assert coll.retrieve(metric, "p1", *hour(0)), metric.name
+    coll.series = series
+    vol = mconf.by_usage_type()["vol"]
+    assert all(p.metadata["volume_type"] == "ssd" for p in coll.retrieve(vol, "p1", *hour(0)))
+    inst = mconf.by_usage_type()["inst"]
+    [first] = coll.retrieve(inst, "p1", *hour(0))[:1]
+    assert list(first.groupby) == ["id", "project_id", "user_id"]
+    assert first.groupby["project_id"] == "p1" and first.groupby["id"] == "0"
 
 
 def test_factor_applied(tmp_path):

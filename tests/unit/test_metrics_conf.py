@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import decimal
+import random
 
 import pytest
 
+from cloudkitty_proc import metrics_conf
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, load_metrics_conf, parse_metrics
 
@@ -67,8 +69,73 @@ def test_mutate_map():
 
 @pytest.mark.parametrize("raw", ["NaN", "+Inf", "abc", ""])
 def test_non_finite_values_are_errors(raw):
-    with pytest.raises(ValueError):
-        one({"unit": "u"}).convert(raw)
+    m = one({"unit": "u"})
+    for _ in range(2):   # errors are not cached
+        with pytest.raises(ValueError):
+            m.convert(raw)
+
+
+def _reference_convert(m, raw):
+    """convert() as it was written first: a localcontext per value."""
+    value = D(raw) if not isinstance(raw, float) else D(repr(raw))
+    if not value.is_finite():
+        raise ValueError(raw)
+    with decimal.localcontext(metrics_conf._CONVERT_CTX):
+        qty = (+value) * m._dfactor + m._doffset
+    return metrics_conf.to_decimal(m._mutate(qty))
+
+
+def _raw_values():
+    rng = random.Random(7)
+    values = ["0", "-0", "1", "0.0", "1.50", "3E+2", "1e-7", "2.5e-10", "1.5e+21",
+              "1073741824000", "0.1234567891", "999999999.5", "123456789012345678",
+              "-3.25", "0.000000001", "4.9999999995", 0.1, 1.0, 1e21, 3, D("1.0"), D("12.345")]
+    for _ in range(300):
+        mantissa = rng.randint(0, 10 ** rng.randint(1, 15))
+        values.append(f"{mantissa}e{rng.randint(-12, 12)}")
+        values.append(str(mantissa / 10 ** rng.randint(0, 9)))
+        values.append(repr(rng.random() * 10 ** rng.randint(-3, 12)))
+    return values
+
+
+@pytest.mark.parametrize("body", [
+    {"unit": "u"},
+    {"unit": "u", "factor": "1/1073741824"},
+    {"unit": "u", "factor": "1/1024", "offset": 2},
+    {"unit": "u", "factor": 0.1, "offset": "1/3"},
+    {"unit": "u", "factor": 3600, "offset": -1},
+    {"unit": "u", "mutate": "NUMBOOL"},
+    {"unit": "u", "mutate": "NOTNUMBOOL"},
+    {"unit": "u", "factor": "1/3", "mutate": "FLOOR"},
+    {"unit": "u", "factor": "1/3", "mutate": "CEIL"},
+    {"unit": "u", "mutate": "MAP", "mutate_map": {0: 0, 1: 10, "2.5": 7}},
+])
+def test_convert_is_bit_identical_to_a_localcontext_per_value(body):
+    """The context methods and the cache change nothing, to the exponent."""
+    m = one(body)
+    for raw in _raw_values():
+        want = _reference_convert(m, raw)
+        for _ in range(2):   # computed, then (str values) from the cache
+            got = m.convert(raw)
+            assert type(got) is D
+            assert got.as_tuple() == want.as_tuple(), (body, raw, got, want)
+
+
+def test_convert_cache_is_bounded_and_keyed_by_strings(monkeypatch):
+    monkeypatch.setattr(metrics_conf, "CONVERT_CACHE_SIZE", 8)
+    m = one({"unit": "u", "factor": "1/1024"})
+    for n in range(50):
+        assert m.convert(str(n * 1024)) == n
+        assert len(m._cache) <= 8
+    # 1, 1.0 and Decimal("1.0") are equal keys but convert differently
+    m = one({"unit": "u"})
+    assert str(m.convert("1.0")) == "1.0"
+    assert str(m.convert(1)) == "1"
+    assert str(m.convert("1")) == "1"
+    assert str(m.convert(1.0)) == "1.0"
+    assert set(m._cache) == {"1.0", "1"}
+    # each definition has its own cache
+    assert one({"unit": "u", "factor": 2}).convert("1.0") == 2
 
 
 @pytest.mark.parametrize("body,needle", [
