@@ -76,7 +76,10 @@ orchestrator_opts = [
         secret=True,
         help="tooz coordination backend URL used for the per-scope locks. "
         "file:// works on one host only; use redis://, etcd3+http:// or "
-        "zookeeper:// when several hosts process the same scopes.",
+        "zookeeper:// when several hosts process the same scopes. The lease "
+        "of a lock is the URL's lock_timeout (seconds, default 30, e.g. "
+        "redis://host:6379?lock_timeout=30): a worker killed with SIGKILL "
+        "keeps its scope locked that long.",
     ),
     cfg.IntOpt(
         "max_workers",
@@ -266,9 +269,9 @@ collector_prometheus_opts = [
         "retries",
         default=3,
         min=0,
-        help="Retries of a failed query (timeouts, 5xx, connection errors) "
-        "with exponential backoff before the period is left for the next "
-        "pass.",
+        help="Retries of a failed query (timeouts, 5xx, connection errors, "
+        "malformed replies or values) with exponential backoff before the "
+        "period is left for the next pass.",
     ),
     cfg.FloatOpt(
         "max_backoff",

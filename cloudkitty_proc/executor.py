@@ -49,6 +49,16 @@ class CollectExecutor(abc.ABC):
         the caller does CPU work; a no-op where calls run on threads."""
 
 
+def _green_call(fn: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
+    """Runs in the green thread. An exception is returned, not raised:
+    eventlet's hub would print the traceback of every failed query on
+    stderr; result() raises it in the caller, which logs it once."""
+    try:
+        return True, fn(*args)
+    except Exception as exc:  # noqa: BLE001 - handed to result()
+        return False, exc
+
+
 class _GreenHandle(Handle):
     __slots__ = ("_gt",)
 
@@ -56,7 +66,10 @@ class _GreenHandle(Handle):
         self._gt = gt
 
     def result(self) -> Any:
-        return self._gt.wait()
+        ok, value = self._gt.wait()
+        if ok:
+            return value
+        raise value
 
 
 class GreenPoolExecutor(CollectExecutor):
@@ -70,7 +83,7 @@ class GreenPoolExecutor(CollectExecutor):
         self._sleep = eventlet.sleep
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Handle:
-        return _GreenHandle(self._pool.spawn(fn, *args))
+        return _GreenHandle(self._pool.spawn(_green_call, fn, args))
 
     def yield_now(self) -> None:
         # green threads only run when this thread waits; without this the

@@ -647,10 +647,27 @@ class Orchestrator(cotyledon.Service):
     def terminate(self) -> None:
         """Signal thread: stop after the period in flight, within
         graceful_shutdown_timeout (cotyledon kills us after that)."""
+        # -- chaos suite (issue 5): bounded stop; the lock of an abandoned
+        # period is freed at once, not when its lease ends
+        timeout = max(self.conf.graceful_shutdown_timeout, 1)
+        # return before cotyledon's own alarm (os._exit at ``timeout``)
+        deadline = time.monotonic() + max(timeout - 2.0, timeout / 2.0)
         self._stop.set()
         self._wake.set()
         self._stop_rpc()  # no new request; the ones in flight finish
-        self._finished.wait(max(self.conf.graceful_shutdown_timeout, 1))
+        if self._finished.wait(max(deadline - time.monotonic(), 0.1)):
+            return
+        LOG.warning("worker %s: the period in flight did not finish within %.0f s; "
+                    "abandoning it (nothing of it is stored) and freeing the scope "
+                    "locks", self.worker_name, timeout)
+        coordinator = self._coordinator
+        if coordinator is not None:
+            try:
+                coordinator.stop()
+            except Exception as exc:  # noqa: BLE001 - exiting anyway
+                LOG.warning("worker %s: stopping the coordinator failed: %s",
+                            self.worker_name, mask_url(exc))
+        # -- end chaos suite
 
     def reload(self) -> None:
         """Signal thread (SIGHUP) or RPC thread (reload_rules): applied by

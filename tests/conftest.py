@@ -51,7 +51,8 @@ def _make_pg_db() -> tuple[str, callable]:
     import sqlalchemy as sa
     if not _port_open("127.0.0.1", 5432):
         service_unavailable("PostgreSQL", "nothing listens on 127.0.0.1:5432")
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    # pre-ping: the chaos suite restarts PostgreSQL between create and drop
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = "ckp_" + uuid.uuid4().hex[:12]
     with admin.connect() as c:
         c.exec_driver_sql(f"CREATE DATABASE {name}")
