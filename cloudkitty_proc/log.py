@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 
 from oslo_config import cfg
 from oslo_log import log as oslo_log
@@ -18,6 +19,19 @@ _SECRET_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s
 def mask_url(text: str) -> str:
     """Hide passwords in URLs: ``redis://u:secret@h`` → ``redis://u:***@h``."""
     return _SECRET_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its user:password@ part (for logs and errors)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def register(conf: cfg.ConfigOpts) -> None:

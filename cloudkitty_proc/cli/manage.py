@@ -7,7 +7,6 @@ import sys
 
 from oslo_config import cfg
 from rich.console import Console
-from rich.table import Table
 
 from cloudkitty_proc import control, plugins, quote, report, utils
 from cloudkitty_proc.cli import common

@@ -75,6 +75,7 @@ from cloudkitty_proc.collectors import _promql
 from cloudkitty_proc.collectors.base import BaseCollector, RawSeries
 from cloudkitty_proc.dataframe import DataPoint
 from cloudkitty_proc.exceptions import CollectError
+from cloudkitty_proc.log import safe_url
 from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, MetricDef, MetricsConf
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
@@ -126,19 +127,6 @@ def _green_sleep(seconds: float) -> None:
     import eventlet
 
     eventlet.sleep(seconds)
-
-
-def safe_url(url: str) -> str:
-    """``url`` without user:password@ (safe for logs and errors)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def _basic_auth(user: str, password: str) -> str:

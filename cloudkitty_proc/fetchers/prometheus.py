@@ -20,30 +20,15 @@ Runs on the worker's main thread (never in the collect pool): plain
 from __future__ import annotations
 
 import datetime
-import urllib.parse
 
 import requests
 from oslo_config import cfg
 
 from cloudkitty_proc import utils
+from cloudkitty_proc.collectors._promql import escape_label_value
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.fetchers.base import BaseFetcher, FetchError
-
-
-def _safe_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+from cloudkitty_proc.log import safe_url
 
 
 class PrometheusFetcher(BaseFetcher):
@@ -54,12 +39,12 @@ class PrometheusFetcher(BaseFetcher):
             raise ConfigError("[fetcher_prometheus] metric is not set: the prometheus "
                               "fetcher needs a metric whose series carry the scope ids")
         self.url = group.prometheus_url.rstrip("/")
-        self.safe_url = _safe_url(self.url)
+        self.safe_url = safe_url(self.url)
         self.timeout = group.timeout
         self.scope_attribute = group.scope_attribute
         filters = ""
         if group.filters:
-            filters = "{" + ", ".join(f'{k}="{_escape(str(v))}"'
+            filters = "{" + ", ".join(f'{k}="{escape_label_value(str(v))}"'
                                       for k, v in group.filters.items()) + "}"
         self.query = f"max({group.metric}{filters}) by ({self.scope_attribute})"
         session = requests.Session()

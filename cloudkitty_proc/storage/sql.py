@@ -388,7 +388,7 @@ class SQLStorage(BaseStorage):
         only if a caller commits out of order) raises sqlalchemy's
         IntegrityError; nothing is written then either."""
         scope_id = frame.scope_id
-        begin, end = _naive(frame.begin), _naive(frame.end)
+        begin = _naive(frame.begin)
         now = _now()
         # everything computed before the transaction: keep the lock short
         rows, period_row = self._frame_rows(frame, now, worker)
