@@ -13,15 +13,20 @@ disk_format, state, user_id, ...). Everything is derived from (metric,
 scope, series index) and, for the values, the query time: two runs get the
 same replies, byte for byte.
 
-The server is one asyncio event loop (HTTP/1.1 keep-alive, no threads per
-connection): ``--latency-ms`` is an ``asyncio.sleep`` before the reply, so
-hundreds of queries can be waiting at once without holding a thread each.
+The server is one asyncio event loop (an ``asyncio.Protocol`` per HTTP/1.1
+keep-alive connection, no task or thread per request): a query's reply is
+rendered when its request has been read and written by a timer
+``--latency-ms`` after that, so hundreds of queries can be waiting at once.
+The loop uses ``select(2)`` (microsecond timeouts; epoll's are rounded up to
+the millisecond, which made every reply ~0.5 ms late). The latency is thus
+what the latency bound assumes: request read -> reply written.
 
 Endpoints:
 
 ``GET|POST /api/v1/query``          the query above (``query``, ``time``)
 ``GET /api/v1/status/buildinfo``    what ``cloudkitty-proc-manage check`` asks
 ``GET /_stats``                     counters (JSON, see :meth:`Stats.as_dict`)
+``GET /_trace``                     (start, end, scope, connection) of every query
 ``POST|GET /_reset``                zero the counters
 
 A fetcher-style query without a selector (``max(instance_up) by
@@ -42,16 +47,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import functools
 import json
 import re
+import selectors
 import signal
 import sys
 import threading
 import time
 import urllib.parse
 import zlib
+from typing import Any
 
 __all__ = ["FakePrometheus", "ReplyGenerator", "Stats", "parse_query", "parse_time"]
 
@@ -156,11 +164,16 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _stable_hash(metric: str, scope: str | None, index: int) -> int:
+    return _h("v", metric, scope, index)
+
+
 def series_value(metric: str, scope: str | None, index: int, ts: float) -> str:
     """The sample value of series ``index`` at ``ts`` (text, as Prometheus
     writes it). Sizes are stable per resource; usage varies per hour."""
     hour = int(ts // 3600)
-    stable = _h("v", metric, scope, index)
+    stable = _stable_hash(metric, scope, index)
     hourly = _h("t", metric, scope, index, hour)
     name = metric.lower()
     if name.endswith("_up"):
@@ -240,6 +253,9 @@ class Stats:
         self.first_query_at: float | None = None   # time.time()
         self.last_query_at: float | None = None
         self.render_seconds = 0.0   # CPU spent building replies
+        #: (start, end, scope, connection number) of every query,
+        #: time.time(); GET /_trace
+        self.trace: list[tuple[float, float, str | None, int]] = []
 
     def as_dict(self) -> dict:
         window = None
@@ -281,7 +297,7 @@ class FakePrometheus:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
-        self._writers: set = set()
+        self._connections: set[_HttpConnection] = set()
 
     @property
     def url(self) -> str:
@@ -291,20 +307,27 @@ class FakePrometheus:
     async def _main(self, on_ready=None) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                  backlog=1024, limit=1 << 20)
+        self._server = await self._loop.create_server(
+            lambda: _HttpConnection(self), self.host, self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         if on_ready is not None:
             on_ready(self)
         async with self._server:
             await self._stopped.wait()
-            for writer in list(self._writers):  # idle keep-alive connections
-                writer.close()
+            for conn in list(self._connections):  # idle keep-alive connections
+                conn.close()
             await asyncio.sleep(0)
 
     def serve(self, on_ready=None) -> None:
-        asyncio.run(self._main(on_ready))
+        # select(2) takes its timeout in microseconds; epoll (asyncio's
+        # default) in milliseconds, rounded up: every reply came ~0.5 ms
+        # late on average, which the latency bound does not include.
+        loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
+        try:
+            loop.run_until_complete(self._main(on_ready))
+        finally:
+            loop.close()
 
     def start(self) -> "FakePrometheus":
         self._thread = threading.Thread(target=self.serve, name="fake-prometheus", daemon=True)
@@ -334,58 +357,10 @@ class FakePrometheus:
             self._loop.call_soon_threadsafe(self.stats_.reset)
 
     # -- HTTP -------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.stats_.connections += 1
-        self._writers.add(writer)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                except asyncio.LimitOverrunError:
-                    await self._send(writer, 431, {"status": "error", "error": "too large"},
-                                     False)
-                    return
-                lines = head.decode("latin-1").split("\r\n")
-                try:
-                    method, target, version = lines[0].split(" ", 2)
-                except ValueError:
-                    return
-                headers = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        k, v = line.split(":", 1)
-                        headers[k.strip().lower()] = v.strip()
-                body = b""
-                length = int(headers.get("content-length") or 0)
-                if length:
-                    body = await reader.readexactly(length)
-                keep = (version.upper() == "HTTP/1.1"
-                        and headers.get("connection", "").lower() != "close")
-                status, payload = await self._dispatch(method.upper(), target, headers, body)
-                await self._send(writer, status, payload, keep)
-                if not keep:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            return  # client gone, or the server is stopping
-        finally:
-            self._writers.discard(writer)
-            try:
-                writer.close()
-            except Exception:  # noqa: S110
-                pass
-
-    async def _send(self, writer: asyncio.StreamWriter, status: int, payload, keep: bool) -> None:
-        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
-                f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode()
-        writer.write(head + raw)
-        self.stats_.bytes_sent += len(head) + len(raw)
-        await writer.drain()
-
-    async def _dispatch(self, method: str, target: str, headers: dict, body: bytes):
+    def _dispatch(self, method: str, target: str, headers: dict, body: bytes,
+                  arrived: float) -> tuple[int, Any, float, str | None]:
+        """(status, payload, when the reply may be sent (monotonic), the
+        query text when it answers /api/v1/query, else None)."""
         parts = urllib.parse.urlsplit(target)
         path = parts.path
         params = dict(urllib.parse.parse_qsl(parts.query))
@@ -394,50 +369,168 @@ class FakePrometheus:
         if path == "/api/v1/query":
             if method not in ("GET", "POST"):
                 self.stats_.other += 1
-                return 405, {"status": "error", "errorType": "bad_data", "error": "method"}
-            return await self._query(params)
+                return 405, {"status": "error", "errorType": "bad_data",
+                             "error": "method"}, arrived, None
+            st = self.stats_
+            if st.first_query_at is None:
+                st.first_query_at = time.time() - (time.monotonic() - arrived)
+            st.active += 1
+            st.max_active = max(st.max_active, st.active)
+            status, payload = self._answer(params)
+            return status, payload, arrived + self.latency, params.get("query", "")
         self.stats_.other += 1
         if path == "/api/v1/status/buildinfo":
-            return 200, BUILDINFO
+            return 200, BUILDINFO, arrived, None
         if path == "/_stats":
-            return 200, self.stats_.as_dict()
+            return 200, self.stats_.as_dict(), arrived, None
+        if path == "/_trace":
+            return 200, {"queries": self.stats_.trace}, arrived, None
         if path == "/_reset":
             self.stats_.reset()
-            return 200, {"status": "success"}
-        return 404, {"status": "error", "errorType": "not_found", "error": path}
+            return 200, {"status": "success"}, arrived, None
+        return 404, {"status": "error", "errorType": "not_found", "error": path}, arrived, None
 
-    async def _query(self, params: dict):
+    def _query_done(self, arrived: float, query: str | None, conn: int) -> None:
+        """Bookkeeping of a query whose reply was just written."""
         st = self.stats_
-        started = time.time()
-        if st.first_query_at is None:
-            st.first_query_at = started
-        st.active += 1
-        if st.active > st.max_active:
-            st.max_active = st.active
-        t0 = time.monotonic()
+        now = time.monotonic()
+        st.active -= 1
+        st.busy_seconds += now - arrived
+        st.last_query_at = time.time()
+        if len(st.trace) < TRACE_MAX:
+            started = st.last_query_at - (now - arrived)
+            st.trace.append((started, st.last_query_at, _scope_of(query), conn))
+
+    def _answer(self, params: dict) -> tuple[int, Any]:
+        st = self.stats_
+        query = params.get("query")
+        if not query:
+            st.errors += 1
+            return 400, {"status": "error", "errorType": "bad_data",
+                         "error": "missing query parameter"}
         try:
-            if self.latency:
-                await asyncio.sleep(self.latency)
-            query = params.get("query")
-            if not query:
-                st.errors += 1
-                return 400, {"status": "error", "errorType": "bad_data",
-                             "error": "missing query parameter"}
+            ts = parse_time(params.get("time"))
+            c0 = time.process_time()
+            raw, count = self.generator.render_counted(query, ts)
+            st.render_seconds += time.process_time() - c0
+        except QueryError as exc:
+            st.errors += 1
+            return 400, {"status": "error", "errorType": "bad_data", "error": str(exc)}
+        st.queries += 1
+        st.series_sent += count
+        return 200, raw
+
+
+#: longest request head accepted
+MAX_HEAD = 1 << 20
+
+
+class _HttpConnection(asyncio.Protocol):
+    """One HTTP/1.1 keep-alive connection. No task per request: a query's
+    reply is rendered at once and written by a timer ``latency`` after its
+    request was read; replies leave in request order (pipelining safe)."""
+
+    def __init__(self, server: FakePrometheus) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.queue: collections.deque = collections.deque()  # [when, data, done, keep]
+        self.number = 0
+        self.closing = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        st = self.server.stats_
+        st.connections += 1
+        self.number = st.connections
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.server._connections.discard(self)
+        self.closing = True
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        while not self.closing:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._queue_reply(431, {"status": "error", "error": "too large"},
+                                      time.monotonic(), False, None)
+                return
+            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+            length = int(headers.get("content-length") or 0)
+            if len(buf) < end + 4 + length:
+                return  # the body is not all here yet
+            body = bytes(buf[end + 4:end + 4 + length])
+            del buf[:end + 4 + length]
+            arrived = time.monotonic()
             try:
-                ts = parse_time(params.get("time"))
-                c0 = time.process_time()
-                raw, count = self.generator.render_counted(query, ts)
-                st.render_seconds += time.process_time() - c0
-            except QueryError as exc:
-                st.errors += 1
-                return 400, {"status": "error", "errorType": "bad_data", "error": str(exc)}
-            st.queries += 1
-            st.series_sent += count
-            return 200, raw
-        finally:
-            st.active -= 1
-            st.busy_seconds += time.monotonic() - t0
-            st.last_query_at = time.time()
+                method, target, version = lines[0].split(" ", 2)
+            except ValueError:
+                self.close()
+                return
+            keep = (version.upper() == "HTTP/1.1"
+                    and headers.get("connection", "").lower() != "close")
+            status, payload, when, query = self.server._dispatch(
+                method.upper(), target, headers, body, arrived)
+            # a query's bookkeeping is done when its reply leaves
+            done = None if query is None else (arrived, query)
+            self._queue_reply(status, payload, when, keep, done)
+            if not keep:
+                self.closing = True
+
+    def _queue_reply(self, status: int, payload, when: float, keep: bool, done) -> None:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+                f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode()
+        entry = [when, head + raw, done, keep, False]
+        self.queue.append(entry)
+        delay = when - time.monotonic()
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._ready, entry)
+        else:
+            self._ready(entry)
+
+    def _ready(self, entry: list) -> None:
+        entry[4] = True
+        queue = self.queue
+        while queue and queue[0][4]:
+            _when, data, done, keep, _ = queue.popleft()
+            if self.transport is None or self.transport.is_closing():
+                queue.clear()
+                return
+            self.transport.write(data)
+            self.server.stats_.bytes_sent += len(data)
+            if done is not None:
+                self.server._query_done(done[0], done[1], self.number)
+            if not keep:
+                self.transport.close()
+                queue.clear()
+                return
+
+
+#: queries kept in the trace (GET /_trace)
+TRACE_MAX = 2_000_000
+
+
+def _scope_of(query: str | None) -> str | None:
+    try:
+        return parse_query(query or "")[2]
+    except QueryError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ import pathlib
 import resource
 import shutil
 import signal
+import statistics
 import sqlite3
 import subprocess
 import sys
@@ -288,6 +289,14 @@ class ServerHandle:
         import urllib.request
         with urllib.request.urlopen(self.url + "/_stats", timeout=10) as resp:
             return json.load(resp)
+
+    def trace(self) -> list:
+        """(start, end, scope) of every query served (``--trace``)."""
+        if self.fake is not None:
+            return list(self.fake.stats_.trace)
+        import urllib.request
+        with urllib.request.urlopen(self.url + "/_trace", timeout=30) as resp:
+            return json.load(resp)["queries"]
 
     def cpu_seconds(self) -> float | None:
         if self.proc is None:
@@ -582,6 +591,10 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
         progress.close()
         srv = server.stats()
         srv_cpu1 = server.cpu_seconds()
+        if args.trace:
+            trace = server.trace()
+            result["occupancy"] = occupancy(trace, spec.greenthreads * spec.workers)
+
         db = read_results(url)
         result.update(rc=rc, wall=wall, started_at=t_start, server=srv, db=db,
                       t10=t10)
@@ -634,6 +647,44 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
             profiler.terminate()
         if not args.keep and "stalled" not in result:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def occupancy(trace: list, pool: int) -> dict:
+    """How full the pools kept the server, from the query trace: the share
+    of the window spent at each number of queries in flight, and the gaps
+    at scope changes (last reply of a scope to the first query of the
+    next one begun after it; meaningful with one worker)."""
+    if not trace:
+        return {}
+    events = sorted([(q[0], 1) for q in trace] + [(q[1], -1) for q in trace])
+    level, last, spent = 0, events[0][0], collections.Counter()
+    for t, step in events:
+        spent[level] += t - last
+        level, last = level + step, t
+    total = sum(spent.values()) or 1.0
+    bands = collections.OrderedDict()
+    for name, lo, hi in (("full", pool, 10 ** 9), (f"{pool * 3 // 4}-{pool - 1}", pool * 3 // 4, pool - 1),
+                         (f"1-{pool * 3 // 4 - 1}", 1, pool * 3 // 4 - 1), ("0", 0, 0)):
+        bands[name] = sum(v for k, v in spent.items() if lo <= k <= hi) / total
+    first: dict = {}
+    last_end: dict = {}
+    by_conn: dict = collections.defaultdict(list)
+    for t0, t1, scope, conn in trace:
+        by_conn[conn].append((t0, t1))
+        first[scope] = min(first.get(scope, t0), t0)
+        last_end[scope] = max(last_end.get(scope, t1), t1)
+    order = sorted(first, key=first.get)
+    gaps = [first[b] - last_end[a] for a, b in zip(order, order[1:])]
+    # client side of a keep-alive connection: reply sent -> next request
+    turns = sorted(b[0] - a[1] for qs in by_conn.values()
+                   for a, b in zip(sorted(qs), sorted(qs)[1:]))
+    return {
+            "turn_ms": ({"median": turns[len(turns) // 2] * 1000,
+                         "p90": turns[len(turns) * 9 // 10] * 1000,
+                         "mean": statistics.mean(turns) * 1000} if turns else None),"window": total, "bands": bands,
+            "mean_level": sum(k * v for k, v in spent.items()) / total,
+            "scope_changes": len(gaps),
+            "scope_gap_ms": (statistics.mean(gaps) * 1000 if gaps else None)}
 
 
 def dump_stacks(pids: list[int], workdir: pathlib.Path) -> list[str]:
@@ -770,7 +821,7 @@ def analyse_profile(workdir: pathlib.Path, args: argparse.Namespace, spec: RunSp
         joined = ";".join(frames)
         if leaf in IDLE_LEAVES:
             what = "idle: waiting for replies (pool not full or latency)"
-        elif "GreenThread.main" in joined:
+        elif "GreenThread.main" in joined or "_spawn_n_impl" in joined:
             what = "green threads: HTTP + JSON + DataPoints (hub)"
         elif "commit_period" in joined:
             what = "storage.commit_period (hub blocked)"
@@ -1064,6 +1115,16 @@ def print_run(s: dict, r: dict, spec: RunSpec) -> None:
               f"end/10% peak {fmt(w['growth'], '.3f')}; CPU {w['cpu_s']:.2f} s")
         print("                  RSS MB at 10 %, 20 %, ... 100 % of periods: "
               + " ".join(fmt(x) for x in w["rss_deciles_mb"]))
+    occ = r.get("occupancy")
+    if occ:
+        print("  occupancy      share of the window by queries in flight: "
+              + ", ".join(f"{k}: {v * 100:.1f} %" for k, v in occ["bands"].items())
+              + f"; scope changes {occ['scope_changes']}, mean gap "
+              f"{fmt(occ['scope_gap_ms'], '.1f')} ms (last reply -> next scope's first query)")
+        if occ.get("turn_ms"):
+            t = occ["turn_ms"]
+            print(f"  client turn    reply sent -> next request on the connection: median "
+                  f"{t['median']:.2f} ms, p90 {t['p90']:.2f} ms, mean {t['mean']:.2f} ms")
     prof = r.get("profile")
     if prof:
         print_profile(prof)
@@ -1181,6 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-executors", default="greenpool,threads")
     ap.add_argument("--compare-greenthreads", default="8,16,32")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--trace", action="store_true",
+                    help="print how full the pool kept the server (query trace)")
     ap.add_argument("--profile", choices=("none", "py-spy"), default="none",
                     help="py-spy the first worker: flame graph SVG, collapsed stacks and "
                     "the top costs per period")

@@ -135,7 +135,19 @@ orchestrator_opts = [
         min=1,
         help="How many periods of a locked scope a worker collects ahead "
         "while it rates and commits earlier ones. Periods are always "
-        "committed in time order.",
+        "committed in time order. The worker raises it as needed to keep "
+        "every one of its concurrent queries busy "
+        "(2 x max_greenthreads / metrics).",
+    ),
+    cfg.BoolOpt(
+        "lookahead_scopes",
+        default=True,
+        help="When a scope has no period left to queue, lock the next scope "
+        "due in the pass and start collecting its first periods while the "
+        "last ones of the current scope are rated and committed, so the "
+        "queries in flight do not drop at every scope change. Each scope "
+        "still commits its periods in order, under its own lock. A scope "
+        "with reprocessing to do is never taken ahead.",
     ),
 ]
 

@@ -20,7 +20,9 @@ Both are used from ONE thread only (the worker's run thread).
 from __future__ import annotations
 
 import abc
+import collections
 import concurrent.futures
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,10 @@ class CollectExecutor(abc.ABC):
     def close(self) -> None:
         """Stop accepting work; running calls finish."""
 
+    def sleep(self, seconds: float) -> None:
+        """Pause the caller; calls in flight go on (green threads run)."""
+        time.sleep(seconds)
+
     def yield_now(self) -> None:
         """Let calls just submitted start now (send their requests) before
         the caller does CPU work; a no-op where calls run on threads."""
@@ -59,31 +65,59 @@ def _green_call(fn: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
         return False, exc
 
 
-class _GreenHandle(Handle):
-    __slots__ = ("_gt",)
+class _GreenJob(Handle):
+    """A queued call; ``result()`` waits (in the hub) for a runner to do it."""
 
-    def __init__(self, gt: Any) -> None:
-        self._gt = gt
+    __slots__ = ("fn", "args", "done")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, event: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.done = event
 
     def result(self) -> Any:
-        ok, value = self._gt.wait()
+        ok, value = self.done.wait()
         if ok:
             return value
         raise value
 
 
 class GreenPoolExecutor(CollectExecutor):
+    """``submit`` never blocks: calls join a FIFO queue that at most
+    ``size`` green threads of an ``eventlet.GreenPool`` work through, each
+    taking the next queued call as soon as its own is done. A freed slot is
+    so refilled at once, whatever the caller is doing; with a pool that
+    only ``spawn``ed per call (blocking when full), slots freed while the
+    caller waited for an older period stayed empty until it submitted
+    again."""
+
     name = "greenpool"
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
         import eventlet  # imported here: the master process never loads it
+        from eventlet import event
 
         self._pool = eventlet.GreenPool(size)
+        self._queue: collections.deque[_GreenJob] = collections.deque()
+        self._event = event.Event
         self._sleep = eventlet.sleep
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Handle:
-        return _GreenHandle(self._pool.spawn(_green_call, fn, args))
+        job = _GreenJob(fn, args, self._event())
+        self._queue.append(job)
+        if self._pool.free() > 0:
+            self._pool.spawn_n(self._runner)
+        return job
+
+    def _runner(self) -> None:
+        queue = self._queue
+        while queue:
+            job = queue.popleft()
+            job.done.send(_green_call(job.fn, job.args))
+
+    def sleep(self, seconds: float) -> None:
+        self._sleep(seconds)
 
     def yield_now(self) -> None:
         # green threads only run when this thread waits; without this the

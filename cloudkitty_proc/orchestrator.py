@@ -41,7 +41,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cotyledon
@@ -118,7 +118,8 @@ class Worker:
                  stop_event: threading.Event | None = None,
                  wake_event: threading.Event | None = None,
                  safe_point: Any = None, telemetry: Telemetry | None = None,
-                 worker_index: int = 0, worker_count: int = 1) -> None:
+                 worker_index: int = 0, worker_count: int = 1,
+                 reload_pending: Any = None) -> None:
         self.conf = conf
         self.name = worker_name
         self.storage = storage
@@ -134,6 +135,9 @@ class Worker:
         self.wake_event = wake_event or threading.Event()
         # called between scopes, where a reload may be applied safely
         self.safe_point = safe_point
+        # True while a reload waits for a safe point: no scope is locked
+        # ahead then, so the next scope change is one
+        self.reload_pending = reload_pending
         self.telemetry = telemetry or Telemetry(worker_index, None, False)
         self.worker_index = worker_index
         self.worker_count = max(worker_count, 1)
@@ -142,6 +146,8 @@ class Worker:
         self.period = conf.collect.period
         self.begin = first_period(conf)
         self.end = end_bound(conf)
+        self._pass: _PassQueue | None = None
+        self._ahead: _Ahead | None = None
 
     # -- one pass over every scope ---------------------------------------
     def run_pass(self) -> PassResult:
@@ -164,32 +170,49 @@ class Worker:
         now = utils.utcnow()
         # Workers start at different offsets so they rarely contend.
         offset = (self.worker_index * len(scopes)) // self.worker_count
-        order = scopes[offset:] + scopes[:offset]
-        for scope_id in order:
-            if self.stop_event.is_set():
-                result.pending = True
-                break
-            if self.safe_point is not None:
-                self.safe_point()
-            state = states.get(scope_id)
-            start = next_start(state, self.period, self.begin)
-            if (scope_id not in task_scopes
-                    and not is_due(start, now, self.period, self.conf.collect.wait_periods,
-                                   self.end)):
-                continue
-            if state is not None and not state.active:
-                continue
-            if self.oneshot and self._failed_this_run(state):
-                continue
-            res = self.process_scope(scope_id)
-            if res is None:  # locked by another worker
-                result.pending = True
-                continue
-            result.worked |= res.attempted
-            result.pending |= res.more_due
-            result.committed += res.committed
-            result.errors += int(res.error)
+        queue = collections.deque(scopes[offset:] + scopes[:offset])
+        self._pass = _PassQueue(queue, states, task_scopes, now)
+        try:
+            while queue:
+                if self.stop_event.is_set():
+                    result.pending = True
+                    break
+                scope_id = queue.popleft()
+                ahead = self._ahead if (self._ahead is not None
+                                        and self._ahead.scope_id == scope_id) else None
+                if ahead is not None:
+                    self._ahead = None
+                    res = self._process_ahead(ahead)
+                else:
+                    if self.safe_point is not None:
+                        self.safe_point()
+                    if not self._wants_visit(scope_id):
+                        continue
+                    res = self.process_scope(scope_id)
+                if res is None:  # locked by another worker
+                    result.pending = True
+                    continue
+                result.worked |= res.attempted
+                result.pending |= res.more_due
+                result.committed += res.committed
+                result.errors += int(res.error)
+        finally:
+            self._pass = None
+            self._drop_ahead()
         return result
+
+    def _wants_visit(self, scope_id: str) -> bool:
+        """The scope has due periods or reprocessing to do, as seen from the
+        states read at the start of the pass."""
+        p = self._pass
+        state = p.states.get(scope_id)
+        if scope_id not in p.task_scopes:
+            start = next_start(state, self.period, self.begin)
+            if not is_due(start, p.now, self.period, self.conf.collect.wait_periods, self.end):
+                return False
+        if state is not None and not state.active:
+            return False
+        return not (self.oneshot and self._failed_this_run(state))
 
     def _task_scopes(self) -> set[str]:
         """Scopes with an active reprocessing task (one query per pass)."""
@@ -218,10 +241,7 @@ class Worker:
         try:
             return self._process_locked(scope_id, log)
         finally:
-            try:
-                lock.release()
-            except Exception as exc:  # lease lost; the fenced commit protected us
-                log.warning("releasing the scope lock failed: %s", mask_url(exc))
+            _release(lock, log)
 
     def _process_locked(self, scope_id: str, log: ContextLogger) -> ScopeResult:
         res = ScopeResult()
@@ -238,18 +258,31 @@ class Worker:
         used = self._reprocess_locked(scope_id, log, res, limit)
         if res.error or res.more_due or self.stop_event.is_set():
             return res
+        starts, res.more_due = self._due_starts(state, limit - used)
+        if starts:
+            self._process_due(state, _Feed(self, scope_id, starts), log, res)
+        return res
+
+    def _due_starts(self, state: ScopeState,
+                    budget: int) -> tuple[list[datetime.datetime], bool]:
+        """The scope's due periods, at most ``budget``; True if more are due."""
         now = utils.utcnow()
         starts: list[datetime.datetime] = []
         start = next_start(state, self.period, self.begin)
         wait = self.conf.collect.wait_periods
+        delta = datetime.timedelta(seconds=self.period)
         while is_due(start, now, self.period, wait, self.end):
-            if len(starts) + used >= limit:
-                res.more_due = True
-                break
+            if len(starts) >= budget:
+                return starts, True
             starts.append(start)
-            start += datetime.timedelta(seconds=self.period)
-        if not starts:
-            return res
+            start += delta
+        return starts, False
+
+    def _process_due(self, state: ScopeState, feed: _Feed, log: ContextLogger,
+                     res: ScopeResult) -> None:
+        """Rate and commit the periods of ``feed`` (the scope's lock held),
+        each fenced on the state version read under the lock."""
+        scope_id = feed.scope_id
         res.attempted = True
         version = state.version
 
@@ -269,8 +302,96 @@ class Worker:
                 return False
             return True
 
-        self._rate_periods(scope_id, starts, log, res, commit, "committed")
+        self._rate_periods(feed, log, res, commit, "committed", look_ahead=True)
+
+    # -- look-ahead across scopes ----------------------------------------
+    def _look_ahead(self, room: int) -> None:
+        """Called when the current scope has no period left to queue: lock
+        the next scope of the pass that has due periods and queue its first
+        ones (up to ``room`` periods), so the pool does not drain while the
+        current scope's last periods are rated and committed. The main loop
+        then continues that scope with its lock and queries as they are."""
+        ahead = self._ahead
+        if ahead is None:
+            ahead = self._start_ahead()
+            if ahead is None:
+                return
+        feed = ahead.feed
+        while len(feed.pending) < room and feed.submit_next():
+            pass
+
+    def _start_ahead(self) -> _Ahead | None:
+        p = self._pass
+        if (p is None or not self.conf.orchestrator.lookahead_scopes
+                or self.stop_event.is_set()
+                or (self.reload_pending is not None and self.reload_pending())):
+            return None
+        queue = p.queue
+        while queue:
+            scope_id = queue[0]
+            if scope_id in p.tried:
+                return None
+            if not self._wants_visit(scope_id):
+                queue.popleft()  # the main loop would skip it as well
+                continue
+            p.tried.add(scope_id)
+            if scope_id in p.task_scopes:
+                return None  # reprocessing goes first: the usual path does it
+            self._ahead = self._try_ahead(scope_id)
+            return self._ahead
+        return None
+
+    def _try_ahead(self, scope_id: str) -> _Ahead | None:
+        """Lock ``scope_id`` and plan its due periods; None (lock released)
+        when it is busy, has reprocessing to do or nothing due, or on any
+        error: the main loop then visits it the usual way."""
+        log = self.log.for_scope(scope_id)
+        lock = self.coordinator.get_lock(utils.lock_name(scope_id))
+        try:
+            if not lock.acquire(blocking=False):
+                return None
+        except Exception:  # noqa: BLE001 - the main loop retries and logs
+            return None
+        ahead = None
+        try:
+            state = self.storage.get_state(scope_id)  # fresh, under the lock
+            if not state.active or self._has_task(scope_id):
+                return None
+            starts, more_due = self._due_starts(
+                state, self.conf.orchestrator.max_periods_per_lock)
+            if starts:
+                ahead = _Ahead(scope_id, lock, state, _Feed(self, scope_id, starts),
+                               more_due, log)
+            return ahead
+        except Exception as exc:  # noqa: BLE001 - the main loop retries and logs
+            log.debug("no look-ahead: %s", mask_url(exc))
+            return None
+        finally:
+            if ahead is None:
+                _release(lock, log)
+
+    def _has_task(self, scope_id: str) -> bool:
+        try:
+            return self.storage.next_pending_task(scope_id) is not None
+        except NotImplementedError:  # a storage without reprocessing
+            return False
+
+    def _process_ahead(self, ahead: _Ahead) -> ScopeResult:
+        """The main loop's visit of a scope locked and queued ahead."""
+        res = ScopeResult(more_due=ahead.more_due)
+        try:
+            self._process_due(ahead.state, ahead.feed, ahead.log, res)
+        finally:
+            ahead.feed.drain()
+            _release(ahead.lock, ahead.log)
         return res
+
+    def _drop_ahead(self) -> None:
+        """End of pass (or stop): give up a scope locked ahead, unrated."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.feed.drain()
+            _release(ahead.lock, ahead.log)
 
     def _reprocess_locked(self, scope_id: str, log: ContextLogger, res: ScopeResult,
                           budget: int) -> int:
@@ -332,7 +453,7 @@ class Worker:
                 return True
 
             before = res.committed
-            self._rate_periods(scope_id, starts, log, res, commit,
+            self._rate_periods(_Feed(self, scope_id, starts), log, res, commit,
                                f"task {task.id}: re-rated")
             used += res.committed - before
             if res.error:
@@ -352,59 +473,58 @@ class Worker:
             res.more_due = True
         return used
 
-    def _rate_periods(self, scope_id: str, starts: list[datetime.datetime],
-                      log: ContextLogger, res: ScopeResult, commit, what: str) -> None:
-        """Collect ``starts`` (periods ahead in the executor, every metric
-        concurrently), rate each frame with the chain and hand it to
-        ``commit(frame) -> bool`` in time order; stop at the first collect
-        or rating error (recorded, ``res.error``) or when commit returns
-        False. ``res.committed`` counts the committed periods."""
-        metrics = list(self.collector.metrics)
-        delta = datetime.timedelta(seconds=self.period)
-        pending: collections.deque = collections.deque()
-        upcoming = iter(starts)
-        # enough periods ahead to keep every slot of the pool busy
-        lookahead = max(self.conf.orchestrator.lookahead_periods,
-                        -(-2 * self.executor.size // max(len(metrics), 1)))
+    def lookahead(self) -> int:
+        """Periods queued ahead: enough to keep every slot of the pool busy."""
+        return max(self.conf.orchestrator.lookahead_periods,
+                   -(-2 * self.executor.size // max(len(self.collector.metrics), 1)))
 
-        def submit_next() -> None:
-            begin = next(upcoming, None)
-            if begin is None:
-                return
-            end = begin + delta
-            handles = [(m, self.executor.submit(self._retrieve, m, scope_id, begin, end))
-                       for m in metrics]
-            pending.append((begin, end, handles, time.monotonic()))
-
-        for _ in range(lookahead):
-            submit_next()
+    def _rate_periods(self, feed: _Feed, log: ContextLogger, res: ScopeResult,
+                      commit, what: str, *, look_ahead: bool = False) -> None:
+        """Collect the periods of ``feed`` (queued ahead in the executor,
+        every metric concurrently), rate each frame with the chain and hand
+        it to ``commit(frame) -> bool`` in time order; stop at the first
+        collect or rating error (recorded, ``res.error``) or when commit
+        returns False. ``res.committed`` counts the committed periods. With
+        ``look_ahead``, once the scope has nothing left to queue, the next
+        scope's first periods are queued (``_look_ahead``)."""
+        lookahead = self.lookahead()
+        pending = feed.pending
+        while len(pending) < lookahead and feed.submit_next():
+            pass
+        if look_ahead and len(pending) < lookahead:  # a short scope: the next one now
+            self._look_ahead(lookahead - len(pending))
         try:
             while pending:
                 if self.stop_event.is_set():
                     res.more_due = True
                     break
                 begin, end, handles, t0 = pending.popleft()
-                frame = DataFrame(scope_id, begin, end)
+                frame = DataFrame(feed.scope_id, begin, end)
                 try:
                     for mdef, handle in handles:
                         frame.add_points(mdef.usage_type, handle.result())
                 except CollectError as exc:
-                    self._fail(log, scope_id, begin, "collect", exc, kind=exc.kind, res=res)
+                    self._fail(log, feed.scope_id, begin, "collect", exc, kind=exc.kind,
+                               res=res)
                     _drain(handles)
                     break
                 except Exception as exc:  # a collector bug: same treatment
                     log.exception("collector failed for period %s", begin.isoformat())
-                    self._fail(log, scope_id, begin, "collect", exc, kind="error", res=res)
+                    self._fail(log, feed.scope_id, begin, "collect", exc, kind="error",
+                               res=res)
                     _drain(handles)
                     break
-                submit_next()  # keep the pool busy while we rate and store
+                # keep the pool busy while we rate and store
+                if not feed.submit_next() and look_ahead:
+                    self._look_ahead(lookahead - len(pending))
                 self.executor.yield_now()
                 try:
                     for processor in self.rating_chain:
                         frame = processor.process(frame)
                 except Exception as exc:
                     log.exception("rating failed for period %s", begin.isoformat())
-                    self._fail(log, scope_id, begin, "rating", exc, kind="rating", res=res)
+                    self._fail(log, feed.scope_id, begin, "rating", exc, kind="rating",
+                               res=res)
                     break
                 if not commit(frame):
                     break
@@ -416,8 +536,7 @@ class Worker:
                              begin.isoformat(), len(frame),
                              utils.decimal_str(frame.total_price()), elapsed)
         finally:
-            for _b, _e, handles, _t in pending:
-                _drain(handles)
+            feed.drain()
 
     def _retrieve(self, metric: Any, scope_id: str, begin: datetime.datetime,
                   end: datetime.datetime) -> list:
@@ -465,6 +584,68 @@ class Worker:
                 wait = self.conf.orchestrator.poll_interval
             self.wake_event.wait(wait * random.uniform(0.8, 1.2))
             self.wake_event.clear()
+
+
+class _Feed:
+    """The periods of one scope queued in the collect executor, oldest
+    first: ``pending`` holds (begin, end, [(metric, handle)], queued at)."""
+
+    __slots__ = ("_worker", "scope_id", "pending", "_upcoming", "_metrics")
+
+    def __init__(self, worker: Worker, scope_id: str,
+                 starts: Sequence[datetime.datetime]) -> None:
+        self._worker = worker
+        self.scope_id = scope_id
+        self.pending: collections.deque = collections.deque()
+        self._upcoming = iter(starts)
+        self._metrics = list(worker.collector.metrics)
+
+    def submit_next(self) -> bool:
+        """Queue the next period's queries; False when none is left."""
+        begin = next(self._upcoming, None)
+        if begin is None:
+            return False
+        w = self._worker
+        end = begin + datetime.timedelta(seconds=w.period)
+        submit, retrieve, scope_id = w.executor.submit, w._retrieve, self.scope_id
+        handles = [(m, submit(retrieve, m, scope_id, begin, end)) for m in self._metrics]
+        self.pending.append((begin, end, handles, time.monotonic()))
+        return True
+
+    def drain(self) -> None:
+        """Wait for (and drop) the queries still queued."""
+        while self.pending:
+            _drain(self.pending.popleft()[2])
+
+
+@dataclass
+class _Ahead:
+    """A scope locked and queued ahead by ``Worker._look_ahead``."""
+
+    scope_id: str
+    lock: Any
+    state: ScopeState
+    feed: _Feed
+    more_due: bool
+    log: ContextLogger
+
+
+@dataclass
+class _PassQueue:
+    """What the look-ahead needs of the pass in progress."""
+
+    queue: collections.deque
+    states: dict[str, ScopeState]
+    task_scopes: set[str]
+    now: datetime.datetime
+    tried: set[str] = field(default_factory=set)
+
+
+def _release(lock: Any, log: ContextLogger) -> None:
+    try:
+        lock.release()
+    except Exception as exc:  # lease lost; the fenced commit protected us
+        log.warning("releasing the scope lock failed: %s", mask_url(exc))
 
 
 def _drain(handles) -> None:
@@ -539,6 +720,8 @@ class Orchestrator(cotyledon.Service):
             chain = plugins.load_rating_chain(conf)
             self._executor = make_executor(conf.orchestrator.collect_executor,
                                            pool_size(conf))
+            # waits for the database's write lock let green threads run
+            storage.sleep = self._executor.sleep
             self._coordinator = start_coordinator(
                 conf, f"{self.worker_name}-{os.getpid()}")
         except ConfigError as exc:
@@ -549,6 +732,7 @@ class Orchestrator(cotyledon.Service):
             fetcher=fetcher, rating_chain=chain, coordinator=self._coordinator,
             executor=self._executor, oneshot=self.oneshot, run_started=self.run_started,
             stop_event=self._stop, wake_event=self._wake, safe_point=self._safe_point,
+            reload_pending=self._reload.is_set,
             telemetry=Telemetry(self.worker_id, self.heartbeats, bool(conf.metrics.listen)),
             worker_index=self.worker_id,
             worker_count=self.worker_count)

@@ -26,6 +26,7 @@ used by one RPC thread at a time.
 from __future__ import annotations
 
 import abc
+import time
 import dataclasses
 import datetime
 import decimal
@@ -131,6 +132,10 @@ def request_key(scope_id: str, begin: datetime.datetime, end: datetime.datetime,
 class BaseStorage(abc.ABC):
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
+        #: how the storage waits for a lock held by another process; a
+        #: worker with the GreenPool executor sets ``eventlet.sleep`` so its
+        #: collector replies are handled meanwhile
+        self.sleep = time.sleep
 
     # -- schema ---------------------------------------------------------
     @abc.abstractmethod

@@ -47,7 +47,11 @@ import datetime
 import decimal
 import json
 import os
-from collections.abc import Iterable, Iterator
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,6 +73,8 @@ from cloudkitty_proc.storage.base import (ACTIVE_TASK_STATES, MAX_REQUEST_ID_LEN
                                           ReprocessTask, ScopeState, TypeSummary,
                                           request_key)
 
+LOG = logging.getLogger(__name__)
+
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 UPGRADE_HINT = "run `cloudkitty-proc-manage db upgrade`"
 
@@ -88,10 +94,44 @@ _EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX,
 _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 _loads = json.loads
 
+#: most label dicts whose JSON text _label_json keeps
+LABEL_JSON_CACHE = 65536
+_label_json_cache: dict[tuple, str] = {}
+
+
+def _label_json(labels: dict) -> str:
+    """``_dumps(labels)``, memoised: a series carries the same groupby and
+    metadata every period (the encoder call was a third of the commit's
+    CPU). Only dicts of str values are kept: 1, 1.0 and True are equal
+    keys but not the same JSON."""
+    key = tuple(labels.items())
+    text = _label_json_cache.get(key)
+    if text is None:
+        text = _dumps(labels)
+        for value in labels.values():
+            if type(value) is not str:
+                return text
+        if len(_label_json_cache) >= LABEL_JSON_CACHE:
+            _label_json_cache.clear()
+        _label_json_cache[key] = text
+    return text
+
 _state_t = models.scope_state
 _period_t = models.rated_period
 _data_t = models.rated_data
 _task_t = models.reprocess_task
+
+# commit_period's statements, built once: building and caching an UPDATE
+# per call cost more than executing it
+_COMMIT_STATE = (
+    _state_t.update()
+    .where(_state_t.c.scope_id == sa.bindparam("b_scope_id"),
+           _state_t.c.version == sa.bindparam("b_version"))
+    .values(version=_state_t.c.version + 1,
+            last_processed=sa.bindparam("b_last_processed"),
+            last_commit_at=sa.bindparam("b_now"), updated_at=sa.bindparam("b_now"),
+            last_error=None, last_error_kind=None, last_error_at=None))
+_INSERT_PERIOD = _period_t.insert()
 
 #: at most this many problems are listed in one refusal
 _MAX_PROBLEMS = 10
@@ -139,6 +179,20 @@ _SQLITE_INSERT_DATA = (
     'metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)')
 
 
+# commit_period on SQLite: plain sqlite3 calls on one writer connection
+_SQLITE_COMMIT_STATE = (
+    "UPDATE scope_state SET version = version + 1, last_processed = ?, last_commit_at = ?, "
+    "updated_at = ?, last_error = NULL, last_error_kind = NULL, last_error_at = NULL "
+    "WHERE scope_id = ? AND version = ?")
+_SQLITE_INSERT_STATE = (
+    "INSERT INTO scope_state (scope_id, last_processed, version, active, last_error, "
+    "last_error_kind, last_error_at, last_commit_at, created_at, updated_at) "
+    "VALUES (?, ?, 1, 1, NULL, NULL, NULL, ?, ?, ?)")
+_SQLITE_INSERT_PERIOD = (
+    'INSERT INTO rated_period (scope_id, "begin", "end", points, price, committed_at, '
+    "worker) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
 def _sqlite_datetime(dt: datetime.datetime) -> str:
     """The text SQLAlchemy's SQLite DATETIME type stores (naive UTC)."""
     return (f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d} {dt.hour:02d}:{dt.minute:02d}:"
@@ -167,7 +221,81 @@ def _sqlite_is_memory(url: sa.URL) -> bool:
             or "mode=memory" in database)
 
 
-def _sqlite_engine(url: sa.URL, *, begin_sql: str) -> sa.Engine:
+#: first and longest pause between two tries of a busy BEGIN IMMEDIATE
+_BUSY_FIRST_PAUSE = 0.0002
+_BUSY_MAX_PAUSE = 0.005
+
+
+def _begin_immediate(dbapi_connection: Any, sleep: Callable[[float], None]) -> None:
+    """BEGIN IMMEDIATE on a connection whose busy timeout is 0, retried
+    until SQLITE_BUSY_TIMEOUT with pauses of ``sleep``: SQLite's own busy
+    handler sleeps in C (1, 2, 5, 10 ms ...), which froze the worker's
+    GreenPool whenever another worker held the write lock."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    pause = _BUSY_FIRST_PAUSE
+    while True:
+        try:
+            dbapi_connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+            if not (busy or "locked" in str(exc)) or time.monotonic() >= deadline:
+                raise
+        sleep(pause)
+        pause = min(pause * 2, _BUSY_MAX_PAUSE)
+
+
+#: seconds between two WAL checkpoints of the checkpointer thread
+WAL_CHECKPOINT_INTERVAL = 0.5
+
+
+class _WalCheckpointer:
+    """Checkpoints a SQLite WAL from a thread of its own.
+
+    The connection commit_period uses has ``wal_autocheckpoint = 0``: with
+    SQLite's automatic checkpoint, every ~1000 pages one commit copied the
+    WAL into the database and fsynced it, 5-20 ms during which a worker's
+    run thread (and with it every green thread of its GreenPool) stood
+    still. Here a PASSIVE checkpoint (it never blocks writers or readers)
+    runs every WAL_CHECKPOINT_INTERVAL on this thread's own connection;
+    sqlite3 releases the GIL while it works. The other connections keep
+    the automatic checkpoint, a backstop should this thread fall behind.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckp-wal-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        con = None
+        while not self._stop.wait(WAL_CHECKPOINT_INTERVAL):
+            try:
+                if con is None:
+                    con = sqlite3.connect(self.path, timeout=0, isolation_level=None,
+                                          check_same_thread=False)
+                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:  # busy (another checkpoint), or gone
+                LOG.debug("WAL checkpoint of %s skipped: %s", self.path, exc)
+                if con is not None and not isinstance(exc, sqlite3.OperationalError):
+                    con.close()
+                    con = None
+        if con is not None:
+            con.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+
+def _sqlite_engine(url: sa.URL, *, begin_sql: str,
+                   sleep: Callable[[float], None] | None = None) -> sa.Engine:
+    """A SQLite engine whose transactions start with ``begin_sql``. With
+    ``sleep`` (writers, WAL journal): busy BEGIN IMMEDIATEs are retried
+    with ``sleep`` instead of SQLite's busy handler (``_begin_immediate``)."""
     kwargs: dict[str, Any] = {}
     connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT}
     if _sqlite_is_memory(url):
@@ -178,21 +306,30 @@ def _sqlite_engine(url: sa.URL, *, begin_sql: str) -> sa.Engine:
     busy_ms = int(SQLITE_BUSY_TIMEOUT * 1000)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):
+    def _on_connect(dbapi_connection, record):
         # pysqlite's own transaction handling would BEGIN (deferred) lazily
         # before DML only: take control of BEGIN, emitted below
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
             cursor.execute("PRAGMA synchronous = NORMAL")
+            # In WAL mode only BEGIN IMMEDIATE waits for another writer (a
+            # write transaction that holds the lock is never busy): that
+            # wait is ours. Other journal modes keep SQLite's busy handler.
+            if sleep is not None and mode and str(mode[0]).lower() == "wal":
+                cursor.execute("PRAGMA busy_timeout = 0")
+                record.info["ckp_own_busy_wait"] = True
         finally:
             cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        connection.exec_driver_sql(begin_sql)
+        if sleep is not None and connection.connection.info.get("ckp_own_busy_wait"):
+            _begin_immediate(connection.connection.driver_connection, sleep)
+        else:
+            connection.exec_driver_sql(begin_sql)
 
     return engine
 
@@ -215,6 +352,11 @@ class SQLStorage(BaseStorage):
         self._writer: sa.Engine | None = None
         self._reader: sa.Engine | None = None
         self._pid: int | None = None
+        # SQLite: a writer connection kept checked out for commit_period
+        self._commit_raw: Any = None
+        # ... and the ones inherited through fork, never touched again
+        self._inherited: list[Any] = []
+        self._checkpointer: _WalCheckpointer | None = None
 
     def __repr__(self) -> str:
         return f"SQLStorage({self.url.render_as_string(hide_password=True)!r})"
@@ -240,7 +382,8 @@ class SQLStorage(BaseStorage):
             if not _sqlite_is_memory(self.url) and not self.url.query.get("uri"):
                 directory = os.path.dirname(os.path.abspath(self.url.database))
                 os.makedirs(directory, exist_ok=True)
-            writer = _sqlite_engine(self.url, begin_sql="BEGIN IMMEDIATE")
+            writer = _sqlite_engine(self.url, begin_sql="BEGIN IMMEDIATE",
+                                    sleep=lambda seconds: self.sleep(seconds))
             if _sqlite_is_memory(self.url):
                 reader = writer
             else:
@@ -254,6 +397,15 @@ class SQLStorage(BaseStorage):
         self._writer, self._reader = writer, reader
 
     def _drop_engines(self, *, close: bool) -> None:
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None and close:
+            checkpointer.stop()  # (a parent's thread does not exist after fork)
+        raw, self._commit_raw = self._commit_raw, None
+        if raw is not None:
+            if close:
+                raw.close()
+            else:
+                self._inherited.append(raw)  # the parent's: not even garbage-collected
         engines = {id(e): e for e in (self._writer, self._reader) if e is not None}
         self._writer = self._reader = None
         for engine in engines.values():
@@ -350,8 +502,7 @@ class SQLStorage(BaseStorage):
         bind processing was half of the commit cost."""
         scope_id = frame.scope_id
         begin, end = _naive(frame.begin), _naive(frame.end)
-        dumps = _dumps
-        total = decimal.Decimal(0)
+        dumps = _label_json
         if self.is_sqlite:
             b, e = _sqlite_datetime(begin), _sqlite_datetime(end)
             rows: list = []
@@ -392,16 +543,17 @@ class SQLStorage(BaseStorage):
         now = _now()
         # everything computed before the transaction: keep the lock short
         rows, period_row = self._frame_rows(frame, now, worker)
+        if self.is_sqlite:
+            self._commit_period_sqlite(frame.scope_id, expected_version, rows, period_row)
+            return expected_version + 1
         state_values = {
             "last_processed": begin, "last_commit_at": now, "updated_at": now,
             "last_error": None, "last_error_kind": None, "last_error_at": None,
         }
         with self.engine.begin() as connection:
-            result = connection.execute(
-                _state_t.update()
-                .where(_state_t.c.scope_id == scope_id,
-                       _state_t.c.version == expected_version)
-                .values(version=_state_t.c.version + 1, **state_values))
+            result = connection.execute(_COMMIT_STATE, {
+                "b_scope_id": scope_id, "b_version": expected_version,
+                "b_last_processed": begin, "b_now": now})
             if result.rowcount != 1:
                 if expected_version != 0:
                     raise self._stale(scope_id, expected_version, begin)
@@ -411,10 +563,81 @@ class SQLStorage(BaseStorage):
                         **state_values))
                 except sa_exc.IntegrityError as e:
                     raise self._stale(scope_id, expected_version, begin) from e
-            connection.execute(_period_t.insert(), period_row)
+            connection.execute(_INSERT_PERIOD, period_row)
             self._insert_data(connection, rows)
             faults.point("during_commit")  # crash tests: rows in, not committed
         return expected_version + 1
+
+    def _sqlite_writer(self) -> Any:
+        """The pooled writer connection commit_period keeps checked out (a
+        pool checkout, a Connection and its events cost more than the
+        period's statements)."""
+        self._engines()  # a new process gets its own engines first
+        if self._commit_raw is None:
+            raw = self.engine.raw_connection()
+            if raw.info.get("ckp_own_busy_wait") and not _sqlite_is_memory(self.url):
+                # WAL journal: checkpoints leave this connection's commits
+                raw.driver_connection.execute("PRAGMA wal_autocheckpoint = 0")
+                if self._checkpointer is None:
+                    self._checkpointer = _WalCheckpointer(
+                        raw.driver_connection.execute("PRAGMA database_list")
+                        .fetchone()[2])
+            self._commit_raw = raw
+        return self._commit_raw
+
+    def _commit_period_sqlite(self, scope_id: str, expected_version: int, rows: list,
+                              period_row: dict) -> None:
+        """commit_period's transaction in plain sqlite3 calls: the same
+        statements, and the same stored text, as the Core path. sqlite3
+        errors are raised wrapped as SQLAlchemy's, as there."""
+        raw = self._sqlite_writer()
+        con = raw.driver_connection
+        begin = _sqlite_datetime(period_row["begin"])
+        now = _sqlite_datetime(period_row["committed_at"])
+        statement = "BEGIN IMMEDIATE"
+        try:
+            if raw.info.get("ckp_own_busy_wait"):
+                _begin_immediate(con, self.sleep)
+            else:
+                con.execute(statement)
+            statement = _SQLITE_COMMIT_STATE
+            if con.execute(statement, (begin, now, now, scope_id,
+                                       expected_version)).rowcount != 1:
+                if expected_version != 0:
+                    raise self._stale(scope_id, expected_version, period_row["begin"])
+                statement = _SQLITE_INSERT_STATE
+                try:
+                    con.execute(statement, (scope_id, begin, now, now, now))
+                except sqlite3.IntegrityError as e:
+                    raise self._stale(scope_id, expected_version, period_row["begin"]) from e
+            statement = _SQLITE_INSERT_PERIOD
+            con.execute(statement, (
+                scope_id, begin, _sqlite_datetime(period_row["end"]), period_row["points"],
+                period_row["price"], now, period_row["worker"]))
+            if rows:
+                statement = _SQLITE_INSERT_DATA
+                con.executemany(statement, rows)
+            faults.point("during_commit")  # crash tests: rows in, not committed
+            statement = "COMMIT"
+            con.execute(statement)
+        except BaseException as exc:
+            self._sqlite_rollback(raw)
+            if isinstance(exc, sqlite3.Error):
+                raise sa_exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
+            raise
+
+    def _sqlite_rollback(self, raw: Any) -> None:
+        """Roll the commit connection back; one that cannot is dropped."""
+        con = raw.driver_connection
+        try:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - a broken connection: forget it
+            self._commit_raw = None
+            try:
+                raw.invalidate()
+            except Exception:  # noqa: S110
+                pass
 
     def _upsert_state(self, scope_id: str, update_values: dict,
                       insert_values: dict, before=None) -> None:
