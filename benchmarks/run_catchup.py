@@ -455,6 +455,29 @@ def read_results(url: str) -> dict:
             "first_commit": ts(first), "last_commit": ts(last), "per_worker": workers}
 
 
+def cpu_reference() -> float:
+    """Milliseconds for a fixed CPU mix (json, Decimal, dicts: the worker's
+    kind of work), best of 3, measured just before a run. This machine's
+    speed drifts (shared host; up to 2x between hours): figures measured at
+    different times compare only together with it."""
+    import decimal as _d
+    payload = json.dumps({"data": {"result": [
+        {"metric": {"id": f"r{i}", "project_id": "p", "flavor_name": "m1.small"},
+         "value": [1767225600, str(i * 1.5)]} for i in range(200)]}})
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        for _ in range(40):
+            rows = json.loads(payload)["data"]["result"]
+            total = _d.Decimal(0)
+            for item in rows:
+                labels = {k: str(v) for k, v in item["metric"].items()}
+                total += _d.Decimal(item["value"][1]) * _d.Decimal("0.01")
+                json.dumps(labels, sort_keys=True)
+        best = min(best, time.process_time() - t0)
+    return best * 1000
+
+
 def code_version() -> str:
     """HEAD plus a hash of the uncommitted changes under cloudkitty_proc/
     (read-only git commands), so a figure can be tied to the code it ran."""
@@ -490,7 +513,8 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="ckp-bench-", dir=base))
     server = ServerHandle(args.server, spec.latency_ms, spec.series)
     result: dict[str, Any] = {"spec": spec.__dict__ | {"label": spec.label},
-                              "workdir": str(workdir), "code": code_version()}
+                              "workdir": str(workdir), "code": code_version(),
+                              "cpu_ref_ms": cpu_reference()}
     profiler: subprocess.Popen | None = None
     try:
         conf = write_config(spec, workdir, server.url)
@@ -1049,6 +1073,7 @@ def summarize(r: dict, spec: RunSpec) -> dict:
         "mean_inflight": (srv["busy_seconds"] / window) if window else None,
         "server_cpu_s": r["server_cpu"], "per_worker_periods": db["per_worker"],
         "code": r.get("code"), "stalled": r.get("stalled"),
+        "cpu_ref_ms": r.get("cpu_ref_ms"),
     }
     s["cpu_ms_per_period_tree"] = s["cpu_tree_s"] / periods * 1000 if periods else None
     s["cpu_ms_per_period_worker"] = (s["cpu_workers_window_s"] / periods * 1000
@@ -1085,6 +1110,9 @@ def print_run(s: dict, r: dict, spec: RunSpec) -> None:
               f"points {s['points']}/{s['expected_points']} errors={s['errors']}")
         for line in r.get("daemon_tail", []):
             print("     |", line)
+    if s.get("cpu_ref_ms"):
+        print(f"  machine        CPU reference {s['cpu_ref_ms']:.1f} ms before the run (a fixed "
+              "json/Decimal mix, best of 3; lower = faster machine right now)")
     print(f"  periods        {s['periods']:,} committed ({s['expected_periods']:,} expected), "
           f"{s['points']:,} rated datapoints stored")
     print(f"  wall           {s['wall_s']:.2f} s whole command; processing window "
@@ -1172,7 +1200,7 @@ def print_table(rows: list[dict]) -> None:
     print("\n=== summary ===")
     head = (f"{'run':<48} {'periods/s':>9} {'%bound':>7} {'dp/s':>9} {'wall s':>7} "
             f"{'window s':>8} {'CPU s':>7} {'ms/per':>7} {'inflight':>9} {'RSS MB':>7} "
-            f"{'end/10%':>7} ok")
+            f"{'end/10%':>7} ok {'cpu ref':>7}")
     print(head)
     for s in rows:
         ok = (s["rc"] == 0 and s["periods"] == s["expected_periods"]
@@ -1185,7 +1213,8 @@ def print_table(rows: list[dict]) -> None:
               f"{fmt(s['window_s'], '.2f'):>8} {s['cpu_tree_s']:>7.2f} "
               f"{fmt(s['cpu_ms_per_period_worker'], '.2f'):>7} "
               f"{s['max_inflight']:>4}/{fmt(s['mean_inflight'], '.1f'):>4} "
-              f"{fmt(rss):>7} {fmt(growth, '.3f'):>7} {'yes' if ok else 'NO'}")
+              f"{fmt(rss):>7} {fmt(growth, '.3f'):>7} {'yes' if ok else 'NO ':<3}"
+              f"{fmt(s.get('cpu_ref_ms'), '.1f'):>7}")
 
 
 # ---------------------------------------------------------------------------

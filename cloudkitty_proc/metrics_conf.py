@@ -51,7 +51,7 @@ PROMQL_EXTRA_ARGS = {
 }
 
 _CONVERT_CTX = decimal.Context(prec=9, rounding=decimal.ROUND_HALF_UP)
-CONVERT_CACHE_SIZE = 4096
+CONVERT_CACHE_SIZE = 1024
 """Raw values whose conversion a MetricDef remembers (then it starts over)."""
 
 

@@ -41,7 +41,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cotyledon
@@ -329,12 +329,12 @@ class Worker:
         queue = p.queue
         while queue:
             scope_id = queue[0]
-            if scope_id in p.tried:
-                return None
+            if scope_id == p.tried:
+                return None  # tried already: the main loop visits it next
             if not self._wants_visit(scope_id):
                 queue.popleft()  # the main loop would skip it as well
                 continue
-            p.tried.add(scope_id)
+            p.tried = scope_id
             if scope_id in p.task_scopes:
                 return None  # reprocessing goes first: the usual path does it
             self._ahead = self._try_ahead(scope_id)
@@ -638,7 +638,8 @@ class _PassQueue:
     states: dict[str, ScopeState]
     task_scopes: set[str]
     now: datetime.datetime
-    tried: set[str] = field(default_factory=set)
+    #: the last scope the look-ahead tried (it only ever tries the next one)
+    tried: str | None = None
 
 
 def _release(lock: Any, log: ContextLogger) -> None:

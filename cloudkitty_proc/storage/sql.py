@@ -95,7 +95,7 @@ _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).en
 _loads = json.loads
 
 #: most label dicts whose JSON text _label_json keeps
-LABEL_JSON_CACHE = 65536
+LABEL_JSON_CACHE = 8192
 _label_json_cache: dict[tuple, str] = {}
 
 
@@ -276,6 +276,8 @@ class _WalCheckpointer:
                 if con is None:
                     con = sqlite3.connect(self.path, timeout=0, isolation_level=None,
                                           check_same_thread=False)
+                    # it copies WAL frames: no use for a page cache
+                    con.execute("PRAGMA cache_size = -64")
                 con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:  # busy (another checkpoint), or gone
                 LOG.debug("WAL checkpoint of %s skipped: %s", self.path, exc)
