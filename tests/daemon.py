@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -133,3 +135,21 @@ def wait_until(predicate, *, timeout: float = 60, interval: float = 0.2,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def workers_of(master_pid: int) -> list[psutil.Process]:
+    """The Orchestrator worker processes of one daemon (its children)."""
+    try:
+        children = psutil.Process(master_pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for child in children:
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped
+                continue
+            if "orchestrator" in " ".join(child.cmdline()) or "orchestrator" in child.name():
+                out.append(child)
+        except psutil.Error:
+            continue
+    return out

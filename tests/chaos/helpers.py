@@ -234,22 +234,7 @@ def prepare(tmp_path: Path, db_url: str, ds: datagen.Dataset, *, name: str = "ck
         rpc_topic=rpc_topic)
 
 
-def workers_of(master_pid: int) -> list[psutil.Process]:
-    """The Orchestrator worker processes of one daemon (its children)."""
-    try:
-        children = psutil.Process(master_pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    out = []
-    for child in children:
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped
-                continue
-            if "orchestrator" in " ".join(child.cmdline()) or "orchestrator" in child.name():
-                out.append(child)
-        except psutil.Error:
-            continue
-    return out
+workers_of = daemon.workers_of
 
 
 def wait_workers(master_pid: int, count: int, timeout: float = 60) -> list[psutil.Process]:

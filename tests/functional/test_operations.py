@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 
-import psutil
 import pytest
 
 from tests import daemon, datagen
@@ -49,8 +48,8 @@ def _metric(text, name):
 
 
 def _workers(proc):
-    return [c for c in psutil.Process(proc.pid).children(recursive=True)
-            if "orchestrator" in c.name() or "orchestrator" in " ".join(c.cmdline())]
+    # zombies (a stopped worker not yet reaped) are not workers
+    return daemon.workers_of(proc.pid)
 
 
 @pytest.fixture
