@@ -9,6 +9,14 @@ One pass of a worker (``Worker.run_pass``)::
                frame, expected_version)   # rows + state, one fenced transaction
         ─► at most [orchestrator] max_periods_per_lock periods ─► release
 
+Look-ahead across scopes (``[orchestrator] lookahead_scopes``): when the
+scope in hand has no period left to queue, the next due scope of the pass is
+locked and its state read (``_try_ahead``), and its first periods are queued
+while the last ones of the scope in hand are rated and committed; the main
+loop then continues it (``_process_ahead``). A scope with reprocessing to do
+is left to the usual path, and a pending reload stops the look-ahead so that
+the next scope change is a safe point.
+
 Under the same lock, before its due periods, a scope's reprocessing tasks
 run first (``_reprocess_locked``): the same collect-and-rate pipeline
 (``_rate_periods``), each re-rated period replacing the stored one in one
