@@ -136,6 +136,11 @@ class Worker:
         self.rating_chain = list(rating_chain)
         self.coordinator = coordinator
         self.executor = executor
+        # a query's slot goes to the next query once its reply is read,
+        # not once it is parsed and converted (executor.py)
+        set_io_hooks = getattr(collector, "set_io_hooks", None)
+        if set_io_hooks is not None:
+            set_io_hooks(executor.io_begin, executor.io_done)
         self.oneshot = oneshot
         self.run_started = run_started or utils.utcnow()
         self.stop_event = stop_event or threading.Event()

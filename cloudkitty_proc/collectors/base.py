@@ -66,6 +66,21 @@ class BaseCollector(abc.ABC):
             if source and source.strip() else None)
         self._skip_warned: set[str] = set()
 
+    @staticmethod
+    def io_begin() -> None:
+        """Called by a collector before each network exchange; the worker
+        sets it (with io_done) to its executor's hooks (set_io_hooks)."""
+
+    @staticmethod
+    def io_done() -> None:
+        """Called by a collector once an exchange is over (the reply read),
+        before parsing it: the executor can start the next query then."""
+
+    def set_io_hooks(self, begin, done) -> None:
+        """Install the executor's io_begin/io_done (see executor.py)."""
+        self.io_begin = begin
+        self.io_done = done
+
     def skip_expression_for(self, metric: MetricDef) -> expressions.Expression | None:
         """The metric's own expression, else the global one."""
         if metric.skip_datapoints_expression is not None:

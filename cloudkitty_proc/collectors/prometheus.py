@@ -519,12 +519,17 @@ class PrometheusCollector(BaseCollector):
         """
         where = f"GET {self.safe_url}{path}"
         target = self._pool.target(path, urllib.parse.urlencode(params) if params else None)
+        self.io_begin()
         try:
             status, reason, body = self._pool.get(target)
         except _TransportError as exc:
             raise _Retryable(f"{where}: {exc.message}", exc.kind) from None
         except _DecodeError as exc:
             raise _Retryable(f"{where}: {exc}", "malformed") from None
+        finally:
+            # the exchange is over: the next query may start while this
+            # reply is parsed
+            self.io_done()
         if status >= 500:
             raise _Retryable(f"{where}: HTTP {status} {reason}: {_excerpt(body)}", "http")
         if status >= 400:

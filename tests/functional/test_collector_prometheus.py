@@ -711,3 +711,47 @@ def test_https_cafile_and_insecure(tls_cert, executor, monkeypatch):
 def test_missing_cafile_is_refused_when_built(tmp_path):
     with pytest.raises(OSError):
         fake_collector("https://127.0.0.1:9", cafile=str(tmp_path / "nope.pem"))
+
+
+@pytest.mark.timeout(60)
+def test_exchanges_are_bracketed_by_the_executor_hooks():
+    """The collector calls io_begin before each exchange (retries included)
+    and io_done once the reply is read, before it is parsed: the GreenPool
+    executor starts the next query then, within its cap of queries in
+    flight (tests/unit/test_executor.py)."""
+    from cloudkitty_proc.executor import make_executor
+
+    attempts = {}
+
+    def reply(handler):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)["time"][0]
+        attempts[query] = attempts.get(query, 0) + 1
+        return (503, b"busy") if attempts[query] == 1 else (200, EMPTY_VECTOR)
+
+    with FakePrometheus(reply, delay=0.01) as fake:
+        coll, metric = executor_collector(fake.url, "greenpool", retries=1)
+        ex = make_executor("greenpool", 2)
+        events = []
+        coll.set_io_hooks(lambda: (ex.io_begin(), events.append("begin")),
+                          lambda: (events.append("done"), ex.io_done()))
+        vector = coll._vector
+        coll._vector = lambda data, query: (events.append("parse"), vector(data, query))[1]
+        handles = [ex.submit(coll.retrieve, metric, "p1", *hour(n)) for n in range(6)]
+        assert [h.result() for h in handles] == [[]] * 6
+        ex.close()
+        pool_events = list(events)
+        del events[:]
+        assert coll.retrieve(metric, "p1", *hour(10)) == []
+        # one query: the failed exchange, the retry, then the parse
+        assert events == ["begin", "done", "begin", "done", "parse"]
+        events[:] = pool_events
+        coll.close()
+    assert len(fake.requests) == 14            # each query failed once
+    assert events.count("begin") == events.count("done") == 12
+    assert events.count("parse") == 6
+    # never more than the pool's 2 exchanges at once, retries included
+    in_exchange = 0
+    for ev in events:
+        in_exchange += {"begin": 1, "done": -1, "parse": 0}[ev]
+        assert 0 <= in_exchange <= 2
+    assert fake.max_active <= 2
