@@ -85,6 +85,8 @@ warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 LOG = logging.getLogger(__name__)
 
 _QUERY_PATH = "/api/v1/query"
+#: query targets kept (one per metric and scope; cleared when full)
+QUERY_TARGET_CACHE = 8192
 
 _GREEN_HTTP: tuple[Any, Any] | None = None
 _GREEN_LOCK = threading.Lock()
@@ -413,6 +415,9 @@ class PrometheusCollector(BaseCollector):
             size=max(10, conf.orchestrator.max_greenthreads),
             user=group.prometheus_user, password=group.prometheus_password,
             cafile=group.cafile, insecure=group.insecure)
+        # (id(metric), scope, period seconds) -> (metric, query, target up to
+        # "time="): a scope's query text is the same every period
+        self._targets: dict[tuple[int, str, int], tuple[MetricDef, str, str]] = {}
 
     # -- public API ---------------------------------------------------------
 
@@ -449,12 +454,11 @@ class PrometheusCollector(BaseCollector):
 
     def _collect(self, metric: MetricDef, scope_id: str, begin: datetime.datetime,
                  end: datetime.datetime, points: bool) -> Any:
-        query = _promql.build_query(metric, self.scope_key, scope_id,
-                                    _promql.period_seconds(begin, end))
-        params = {"query": query, "time": _promql.rfc3339(end)}
+        query, time_text, target = self._query_target(metric, scope_id, begin, end)
+        params = {"query": query, "time": time_text}
 
         def once() -> Any:
-            series = self._vector(self._get(_QUERY_PATH, params), query)
+            series = self._vector(self._get(_QUERY_PATH, params, target), query)
             if not points:
                 return series
             try:
@@ -473,6 +477,22 @@ class PrometheusCollector(BaseCollector):
             message = exc.message if isinstance(exc, _Retryable) else str(exc)
             raise CollectError(message, metric=metric.label, scope_id=scope_id,
                                kind=exc.kind) from None
+
+    def _query_target(self, metric: MetricDef, scope_id: str, begin: datetime.datetime,
+                      end: datetime.datetime) -> tuple[str, str, str]:
+        """(query, time parameter, request target) of one instant query;
+        the target is ``urlencode({"query": ..., "time": ...})``'s."""
+        period = _promql.period_seconds(begin, end)
+        key = (id(metric), scope_id, period)
+        hit = self._targets.get(key)
+        if hit is None or hit[0] is not metric:
+            query = _promql.build_query(metric, self.scope_key, scope_id, period)
+            prefix = self._pool.target(_QUERY_PATH, urllib.parse.urlencode({"query": query}))
+            if len(self._targets) >= QUERY_TARGET_CACHE:
+                self._targets.clear()
+            hit = self._targets[key] = (metric, query, prefix + "&time=")
+        time_text = _promql.rfc3339(end)
+        return hit[1], time_text, hit[2] + urllib.parse.quote_plus(time_text)
 
     def _with_retries(self, fn: Callable[[], Any], context: str) -> Any:
         attempts = self.retries + 1
@@ -511,14 +531,17 @@ class PrometheusCollector(BaseCollector):
 
     # -- HTTP ---------------------------------------------------------------
 
-    def _get(self, path: str, params: dict[str, str] | None) -> dict:
-        """The JSON object of a ``"status": "success"`` reply.
+    def _get(self, path: str, params: dict[str, str] | None,
+             target: str | None = None) -> dict:
+        """The JSON object of a ``"status": "success"`` reply (``target``:
+        the request target of ``path`` and ``params``, when already built).
 
         Raises _Retryable (timeout, connection, 5xx, malformed reply) or
         CollectError (4xx).
         """
         where = f"GET {self.safe_url}{path}"
-        target = self._pool.target(path, urllib.parse.urlencode(params) if params else None)
+        if target is None:
+            target = self._pool.target(path, urllib.parse.urlencode(params) if params else None)
         self.io_begin()
         try:
             status, reason, body = self._pool.get(target)

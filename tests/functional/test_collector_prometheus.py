@@ -25,13 +25,14 @@ import time
 import urllib.parse
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
 from oslo_config import cfg
 
 import cloudkitty_proc.conf as ckconf
-from cloudkitty_proc.collectors import _openmetrics
+from cloudkitty_proc.collectors import _openmetrics, prometheus
 from cloudkitty_proc.collectors.file import FileCollector
 from cloudkitty_proc.collectors.prometheus import PrometheusCollector
 from cloudkitty_proc.exceptions import CollectError
@@ -755,3 +756,30 @@ def test_exchanges_are_bracketed_by_the_executor_hooks():
         in_exchange += {"begin": 1, "done": -1, "parse": 0}[ev]
         assert 0 <= in_exchange <= 2
     assert fake.max_active <= 2
+
+
+def test_query_targets_are_built_once_per_scope_and_match_urlencode():
+    """The request target is exactly ``urlencode({"query", "time"})``'s,
+    every period; the query part is built once per metric and scope, and
+    a new definition of the metric (a reload) gets its own."""
+    import dataclasses
+
+    coll, metric = fake_collector("http://127.0.0.1:9")
+    built = []
+    real = prometheus._promql.build_query
+
+    def counting(*args):
+        built.append(args[2])
+        return real(*args)
+
+    with mock.patch.object(prometheus._promql, "build_query", counting):
+        for n in range(3):
+            for scope in ("p1", 'p"2'):
+                query, time_text, target = coll._query_target(metric, scope, *hour(n))
+                assert target == "/api/v1/query?" + urllib.parse.urlencode(
+                    {"query": query, "time": time_text})
+                assert time_text == hour(n)[1].strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert built == ["p1", 'p"2']
+        other = dataclasses.replace(metric, extra_args={"aggregation_method": "sum"})
+        query, _, _ = coll._query_target(other, "p1", *hour(0))
+    assert query.startswith("sum(") and built == ["p1", 'p"2', "p1"]
