@@ -783,3 +783,118 @@ def test_query_targets_are_built_once_per_scope_and_match_urlencode():
         other = dataclasses.replace(metric, extra_args={"aggregation_method": "sum"})
         query, _, _ = coll._query_target(other, "p1", *hour(0))
     assert query.startswith("sum(") and built == ["p1", 'p"2', "p1"]
+
+
+class RawHTTPServer:
+    """Answers each request with scripted raw bytes: ``replies`` is a list
+    of (bytes, close_after) used in turn; records each connection's
+    requests (the request heads, as received)."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.heads: list[tuple[int, bytes]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._connection, args=(conn, self.connections),
+                             daemon=True).start()
+
+    def _connection(self, conn, number):
+        buf = b""
+        with conn:
+            while self.replies:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                self.heads.append((number, head))
+                raw, close = self.replies.pop(0)
+                conn.sendall(raw)
+                if close:
+                    return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+VECTOR_1 = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+    {"metric": {"id": "i-1", "project_id": "p1"}, "value": [1767229200, "1"]}]}}).encode()
+
+
+def _chunked(body: bytes, size: int = 7) -> bytes:
+    parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+             for i in range(0, len(body), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("executor", ["greenpool", "threads"])
+@pytest.mark.parametrize("raw, reused", [
+    # Content-Length, keep-alive
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+     % (len(VECTOR_1), VECTOR_1), True),
+    # chunked and gzip, as Prometheus sends large replies
+    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+     + _chunked(__import__("gzip").compress(VECTOR_1)), True),
+    # Connection: close
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+     % (len(VECTOR_1), VECTOR_1), False),
+    # HTTP/1.0, no length: the body ends with the connection
+    (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n%s" % VECTOR_1, False),
+])
+def test_reply_framings(raw, reused, executor):
+    """The replies a server or a proxy may send: each is read whole, and
+    the connection is reused only when the reply allows it."""
+    close = not reused
+    with RawHTTPServer([(raw, close), (raw, close)]) as srv:
+        coll, metric = executor_collector(srv.url, executor)
+        for n in range(2):
+            points = coll.retrieve(metric, "p1", *hour(n))
+            assert [(p.groupby["id"], p.qty) for p in points] == [("i-1", 1)]
+        coll.close()
+    assert srv.connections == (1 if reused else 2)
+    number, head = srv.heads[0]
+    request_line, *headers = head.decode("latin-1").split("\r\n")
+    assert request_line.startswith("GET /api/v1/query?query=") and request_line.endswith(
+        " HTTP/1.1")
+    assert f"Host: {srv.url[len('http://'):]}" in headers
+    assert "Accept-Encoding: gzip" in headers and "Accept: application/json" in headers
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"status\"", "cut short"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed HTTP reply"),
+    (b"HELLO WORLD\r\n\r\n", "BadStatusLine"),
+])
+def test_broken_replies_are_connection_errors(raw, message):
+    """A reply cut short or not HTTP: a "connection" error naming the URL
+    (retried like one), the connection dropped."""
+    with RawHTTPServer([(raw, True)] * 4) as srv:
+        coll, metric = fake_collector(srv.url, retries=1)
+        with pytest.raises(CollectError) as err:
+            coll.retrieve(metric, "p1", *hour(0))
+    assert err.value.kind == "connection"
+    assert message in str(err.value) and srv.url in str(err.value)
+    assert "after 2 attempts" in str(err.value)
+    assert srv.connections == len(srv.heads)   # never a second request on one
+
+
+def test_a_url_path_with_spaces_is_refused_when_built():
+    with pytest.raises(ValueError, match="percent-encode"):
+        fake_collector("http://127.0.0.1:9/prom etheus")
