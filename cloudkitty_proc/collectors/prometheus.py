@@ -91,8 +91,9 @@ warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 LOG = logging.getLogger(__name__)
 
 _QUERY_PATH = "/api/v1/query"
-#: query targets kept (one per metric and scope; cleared when full)
-QUERY_TARGET_CACHE = 8192
+#: query targets kept (one per metric and scope; cleared when full): the
+#: scopes in hand need a few, and 10,000 scopes x 5 metrics cost 3 MB of RSS
+QUERY_TARGET_CACHE = 512
 
 #: bytes read from the socket at a time
 RECV_SIZE = 256 * 1024
