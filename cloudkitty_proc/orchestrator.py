@@ -131,16 +131,11 @@ class Worker:
         self.conf = conf
         self.name = worker_name
         self.storage = storage
-        self.collector = collector
         self.fetcher = fetcher
         self.rating_chain = list(rating_chain)
         self.coordinator = coordinator
         self.executor = executor
-        # a query's slot goes to the next query once its reply is read,
-        # not once it is parsed and converted (executor.py)
-        set_io_hooks = getattr(collector, "set_io_hooks", None)
-        if set_io_hooks is not None:
-            set_io_hooks(executor.io_begin, executor.io_done)
+        self.collector = collector
         self.oneshot = oneshot
         self.run_started = run_started or utils.utcnow()
         self.stop_event = stop_event or threading.Event()
@@ -161,6 +156,20 @@ class Worker:
         self.end = end_bound(conf)
         self._pass: _PassQueue | None = None
         self._ahead: _Ahead | None = None
+
+    @property
+    def collector(self) -> Any:
+        return self._collector
+
+    @collector.setter
+    def collector(self, collector: Any) -> None:
+        """The collector in use (replaced on reload), wired to the executor:
+        a query's slot goes to the next query once its reply is read, not
+        once it is parsed and converted (executor.py)."""
+        set_io_hooks = getattr(collector, "set_io_hooks", None)
+        if set_io_hooks is not None:
+            set_io_hooks(self.executor.io_begin, self.executor.io_done)
+        self._collector = collector
 
     # -- one pass over every scope ---------------------------------------
     def run_pass(self) -> PassResult:

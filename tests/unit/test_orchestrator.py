@@ -263,3 +263,27 @@ def test_host_query_cap_is_shared_by_workers(conf):
     assert pool_size(conf) == 5
     conf.set_override("max_host_queries", 2, group="orchestrator")
     assert pool_size(conf) == 1
+
+
+@pytest.mark.parametrize("executor", ["greenpool", "threads"])
+def test_the_collector_in_use_is_wired_to_the_executor_hooks(conf, storage, executor):
+    """The worker gives its collector the executor's io_begin/io_done (the
+    GreenPool hands a query's slot on once its reply is read), and again
+    to the collector a reload puts in its place."""
+    from cloudkitty_proc.collectors.base import BaseCollector
+
+    class Collector(BaseCollector):
+        def fetch(self, metric, scope_id, begin, end):
+            return []
+
+    first, second = Collector(conf, METRICS), Collector(conf, METRICS)
+    worker = make_worker(conf, storage, first, executor=executor)
+    assert first.io_begin == worker.executor.io_begin
+    assert first.io_done == worker.executor.io_done
+    worker.collector = second                     # what a reload does
+    assert worker.collector is second
+    assert second.io_begin == worker.executor.io_begin
+    assert second.io_done == worker.executor.io_done
+    # a collector without the hooks (a plugin of its own) is used as is
+    worker.collector = FakeCollector()
+    assert isinstance(worker.collector, FakeCollector)
