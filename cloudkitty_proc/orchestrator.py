@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import gc
 import logging
 import os
 import random
@@ -689,6 +690,26 @@ def pool_size(conf: cfg.ConfigOpts) -> int:
     return size
 
 
+#: collections of the youngest generation happen every this many net
+#: allocations (CPython's default is 700): a period allocates thousands of
+#: short-lived objects, nearly none of them in reference cycles
+GC_THRESHOLD0 = 10_000
+
+
+def _settle_gc() -> None:
+    """Once a worker is set up: move every object alive now (modules,
+    plugins, SQLAlchemy, eventlet: ~10^5 objects) out of the cyclic
+    garbage collector's reach, and collect the young generation less
+    often. A full collection scanned them all (70 ms, every thread of the
+    worker stopped: each query in flight waited for it); the young ones
+    took 0.2 ms per W1 period. Objects created later are collected as
+    usual."""
+    gc.collect()
+    gc.freeze()
+    _t0, t1, t2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, t1, t2)
+
+
 def start_coordinator(conf: cfg.ConfigOpts, member_id: str):
     from tooz import coordination
 
@@ -761,6 +782,7 @@ class Orchestrator(cotyledon.Service):
             worker_count=self.worker_count)
         LOG.info("worker %s started (%s executor, %d concurrent queries)", self.worker_name,
                  self._executor.name, self._executor.size)
+        _settle_gc()
         try:
             self._start_rpc()
             self.worker.loop(on_idle=self._on_idle)

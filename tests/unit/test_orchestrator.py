@@ -287,3 +287,23 @@ def test_the_collector_in_use_is_wired_to_the_executor_hooks(conf, storage, exec
     # a collector without the hooks (a plugin of its own) is used as is
     worker.collector = FakeCollector()
     assert isinstance(worker.collector, FakeCollector)
+
+
+def test_settle_gc_freezes_the_setup_and_spaces_young_collections():
+    """What a worker does once set up: the objects alive then are out of
+    the collector's reach (a full collection no longer scans them), and the
+    young generation is collected every GC_THRESHOLD0 allocations."""
+    import gc
+
+    from cloudkitty_proc import orchestrator
+
+    before = gc.get_threshold()
+    setup = [object()]                      # "alive once the worker is set up"
+    try:
+        orchestrator._settle_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (orchestrator.GC_THRESHOLD0, *before[1:])
+        assert not any(o is setup for o in gc.get_objects(generation=2))
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
