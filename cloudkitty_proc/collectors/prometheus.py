@@ -357,7 +357,7 @@ class _ConnectionPool:
         first = True   # nothing of the reply read yet
         try:
             sock.sendall(b"GET " + target.encode("ascii") + b" HTTP/1.1\r\n" + self._head_tail)
-            while not reply.complete:
+            while not reply.complete or _interim(parser, reply):
                 data = sock.recv(RECV_SIZE)
                 if not data:
                     if first:
@@ -401,6 +401,16 @@ class _ConnectionPool:
             conn.close()
 
 
+def _interim(parser: Any, reply: _Reply) -> bool:
+    """The reply just read is an interim one (1xx but 101, which
+    ``http.client`` skips too): read on for the final one."""
+    code = parser.get_status_code()
+    if 100 <= code < 200 and code != 101:
+        reply.complete = False
+        return True
+    return False
+
+
 class _Reply:
     """httptools' callbacks for one reply."""
 
@@ -408,6 +418,10 @@ class _Reply:
                  "connection", "_sized")
 
     def __init__(self) -> None:
+        self.on_message_begin()
+
+    def on_message_begin(self) -> None:
+        # also after an interim (1xx) reply: the final one starts afresh
         self.status = b""
         self.encoding: str | None = None
         self.body: list[bytes] = []

@@ -822,7 +822,11 @@ class RawHTTPServer:
                 head, buf = buf.split(b"\r\n\r\n", 1)
                 self.heads.append((number, head))
                 raw, close = self.replies.pop(0)
-                conn.sendall(raw)
+                parts = raw if isinstance(raw, tuple) else (raw,)
+                for i, part in enumerate(parts):   # a tuple: parts 50 ms apart
+                    if i:
+                        time.sleep(0.05)
+                    conn.sendall(part)
                 if close:
                     return
 
@@ -857,6 +861,13 @@ def _chunked(body: bytes, size: int = 7) -> bytes:
      % (len(VECTOR_1), VECTOR_1), False),
     # HTTP/1.0, no length: the body ends with the connection
     (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n%s" % VECTOR_1, False),
+    # an interim reply first (skipped, as http.client does)
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+     % (len(VECTOR_1), VECTOR_1), True),
+    # the same, and a body, in separate reads
+    ((b"HTTP/1.1 100 Continue\r\n\r\n",
+      b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(VECTOR_1), VECTOR_1[:20]),
+      VECTOR_1[20:]), True),
 ])
 def test_reply_framings(raw, reused, executor):
     """The replies a server or a proxy may send: each is read whole, and
