@@ -703,8 +703,8 @@ def _settle_gc() -> None:
     often. A full collection scanned them all (70 ms, every thread of the
     worker stopped: each query in flight waited for it); the young ones
     took 0.2 ms per W1 period. Objects created later are collected as
-    usual."""
-    gc.collect()
+    usual. No collection first: at this point one found nothing to free
+    and took 60-80 ms of the worker's start."""
     gc.freeze()
     _t0, t1, t2 = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD0, t1, t2)
