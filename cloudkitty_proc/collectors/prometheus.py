@@ -18,8 +18,9 @@ reply parsed with ``httptools`` (llhttp): ``http.client``'s reply reading
 (a buffered file per reply, the ``email`` package for its headers) cost
 about 100 µs of the ~210 µs of CPU a query took. Each collector keeps a pool
 of keep-alive connections sized ``max(10, [orchestrator] max_greenthreads)``;
-the query string is encoded once per query, the headers (basic
-authentication included) once per collector; replies may be gzip-encoded.
+the query text is encoded once per metric and scope, the request head
+(basic authentication included) once per collector; replies may be
+gzip-encoded, chunked, or delimited by the end of the connection.
 TLS follows ``cafile`` / ``insecure``; HTTP(S) proxies are taken from the
 environment (``http_proxy``, ``https_proxy``, ``all_proxy``, ``no_proxy``)
 once, when the collector is built.
@@ -264,9 +265,11 @@ class _ConnectionPool:
             host = f"{host}:{self.port}"
         lines = [f"Host: {host}"] + [f"{name}: {value}" for name, value in headers.items()]
         self._head_tail = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if _BAD_TARGET.search(self._absolute + self.prefix):
+        base = self._absolute + self.prefix
+        if _BAD_TARGET.search(base) or not base.isascii():
             raise ValueError(f"[collector_prometheus] prometheus_url {safe_url(url)!r}: "
-                             "the path has spaces or control characters; percent-encode them")
+                             "the path has spaces, control or non-ASCII characters; "
+                             "percent-encode them")
 
     @staticmethod
     def _environ_proxy(scheme: str, parts: urllib.parse.SplitResult) -> str | None:

@@ -906,6 +906,7 @@ def test_broken_replies_are_connection_errors(raw, message):
     assert srv.connections == len(srv.heads)   # never a second request on one
 
 
-def test_a_url_path_with_spaces_is_refused_when_built():
+@pytest.mark.parametrize("path", ["/prom etheus", "/prométheus", "/a\x01b"])
+def test_a_url_path_that_is_not_a_request_target_is_refused_when_built(path):
     with pytest.raises(ValueError, match="percent-encode"):
-        fake_collector("http://127.0.0.1:9/prom etheus")
+        fake_collector("http://127.0.0.1:9" + path)
