@@ -360,7 +360,11 @@ class _ConnectionPool:
         first = True   # nothing of the reply read yet
         try:
             sock.sendall(b"GET " + target.encode("ascii") + b" HTTP/1.1\r\n" + self._head_tail)
-            while not reply.complete or _interim(parser, reply):
+            while True:
+                if reply.complete:
+                    if not _interim(parser.get_status_code()):
+                        break
+                    reply.complete = False   # the final reply follows
                 data = sock.recv(RECV_SIZE)
                 if not data:
                     if first:
@@ -404,14 +408,9 @@ class _ConnectionPool:
             conn.close()
 
 
-def _interim(parser: Any, reply: _Reply) -> bool:
-    """The reply just read is an interim one (1xx but 101, which
-    ``http.client`` skips too): read on for the final one."""
-    code = parser.get_status_code()
-    if 100 <= code < 200 and code != 101:
-        reply.complete = False
-        return True
-    return False
+def _interim(code: int) -> bool:
+    """An interim reply (1xx but 101), which ``http.client`` skips too."""
+    return 100 <= code < 200 and code != 101
 
 
 class _Reply:
