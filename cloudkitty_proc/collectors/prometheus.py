@@ -18,9 +18,12 @@ reply parsed with ``httptools`` (llhttp): ``http.client``'s reply reading
 (a buffered file per reply, the ``email`` package for its headers) cost
 about 100 µs of the ~210 µs of CPU a query took. Each collector keeps a pool
 of keep-alive connections sized ``max(10, [orchestrator] max_greenthreads)``;
-the query text is encoded once per metric and scope, the request head
-(basic authentication included) once per collector; replies may be
-gzip-encoded, chunked, or delimited by the end of the connection.
+the query text is encoded once per metric and scope, the ``time``
+parameter once per period end, the request head (basic authentication
+included) once per collector; replies may be gzip-encoded, chunked, or
+delimited by the end of the connection, and their JSON is parsed with
+``orjson`` (2-2.5x faster than ``json`` on Prometheus replies: 25 -> 10 µs
+for 10 series, 420 -> 200 µs for 200).
 TLS follows ``cafile`` / ``insecure``; HTTP(S) proxies are taken from the
 environment (``http_proxy``, ``https_proxy``, ``all_proxy``, ``no_proxy``)
 once, when the collector is built.
@@ -74,6 +77,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import httptools
+import orjson
 import tenacity
 from oslo_config import cfg
 
@@ -95,6 +99,10 @@ _QUERY_PATH = "/api/v1/query"
 #: query targets kept (one per metric and scope; cleared when full): the
 #: scopes in hand need a few, and 10,000 scopes x 5 metrics cost 3 MB of RSS
 QUERY_TARGET_CACHE = 512
+
+#: period ends whose time parameter is kept (the periods queued ahead need
+#: a few)
+QUERY_TIME_CACHE = 256
 
 #: bytes read from the socket at a time
 RECV_SIZE = 256 * 1024
@@ -526,6 +534,9 @@ class PrometheusCollector(BaseCollector):
         # (id(metric), scope, period seconds) -> (metric, query, target up to
         # "time="): a scope's query text is the same every period
         self._targets: dict[tuple[int, str, int], tuple[MetricDef, str, str]] = {}
+        # period end -> (time parameter, its URL encoding): every metric of
+        # a period asks for the same time
+        self._times: dict[datetime.datetime, tuple[str, str]] = {}
 
     # -- public API ---------------------------------------------------------
 
@@ -599,8 +610,13 @@ class PrometheusCollector(BaseCollector):
             if len(self._targets) >= QUERY_TARGET_CACHE:
                 self._targets.clear()
             hit = self._targets[key] = (metric, query, prefix + "&time=")
-        time_text = _promql.rfc3339(end)
-        return hit[1], time_text, hit[2] + urllib.parse.quote_plus(time_text)
+        times = self._times.get(end)
+        if times is None:
+            time_text = _promql.rfc3339(end)
+            if len(self._times) >= QUERY_TIME_CACHE:
+                self._times.clear()
+            times = self._times[end] = (time_text, urllib.parse.quote_plus(time_text))
+        return hit[1], times[0], hit[2] + times[1]
 
     def _with_retries(self, fn: Callable[[], Any], context: str) -> Any:
         attempts = self.retries + 1
@@ -670,8 +686,8 @@ class PrometheusCollector(BaseCollector):
                 msg += f" (query: {params['query']})"
             raise CollectError(msg, kind="http")
         try:
-            data = json.loads(body)
-        except ValueError:
+            data = orjson.loads(body)
+        except ValueError:   # orjson.JSONDecodeError is one
             raise _Retryable(f"{where}: reply is not JSON: {_excerpt(body)}",
                              "malformed") from None
         if type(data) is not dict:

@@ -382,6 +382,9 @@ def test_4xx_fails_at_once():
 
 @pytest.mark.parametrize("body", [
     b"<html>not json</html>",
+    b"",
+    b'{"status": "success", "data": {"resultType": "vector", "result": [',
+    b'\xff\xfe{"status": "success"}',
     b'{"status": "success", "data": {"resultType": "matrix", "result": []}}',
     b'{"status": "success", "data": {"resultType": "scalar", "result": [1, "2"]}}',
     b'{"status": "error", "errorType": "execution", "error": "oops"}',
@@ -783,6 +786,34 @@ def test_query_targets_are_built_once_per_scope_and_match_urlencode():
         other = dataclasses.replace(metric, extra_args={"aggregation_method": "sum"})
         query, _, _ = coll._query_target(other, "p1", *hour(0))
     assert query.startswith("sum(") and built == ["p1", 'p"2', "p1"]
+
+
+def test_time_parameter_is_formatted_once_per_period_end_and_bounded():
+    """Every metric and scope of a period asks for the same ``time``: it is
+    formatted once per period end (the same text as before, in UTC for an
+    end given in another zone), and the cache of them stays bounded."""
+    coll, metric = fake_collector("http://127.0.0.1:9")
+    formatted = []
+    real = prometheus._promql.rfc3339
+
+    def counting(dt):
+        formatted.append(dt)
+        return real(dt)
+
+    plus2 = datetime.timezone(datetime.timedelta(hours=2))
+    with mock.patch.object(prometheus._promql, "rfc3339", counting):
+        for scope in ("p1", "p2", "p3"):
+            for n in range(2):
+                _, time_text, target = coll._query_target(metric, scope, *hour(n))
+                assert target.endswith("&time=" + urllib.parse.quote_plus(time_text))
+        assert formatted == [hour(0)[1], hour(1)[1]]
+        begin, end = hour(5)
+        _, time_text, _ = coll._query_target(metric, "p1", begin.astimezone(plus2),
+                                             end.astimezone(plus2))
+        assert time_text == end.strftime("%Y-%m-%dT%H:%M:%SZ")
+        for n in range(prometheus.QUERY_TIME_CACHE + 10):
+            coll._query_target(metric, "p1", *hour(n))
+    assert 0 < len(coll._times) <= prometheus.QUERY_TIME_CACHE
 
 
 class RawHTTPServer:
