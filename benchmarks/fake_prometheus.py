@@ -13,13 +13,20 @@ disk_format, state, user_id, ...). Everything is derived from (metric,
 scope, series index) and, for the values, the query time: two runs get the
 same replies, byte for byte.
 
-The server is one asyncio event loop (an ``asyncio.Protocol`` per HTTP/1.1
-keep-alive connection, no task or thread per request): a query's reply is
-rendered when its request has been read and written by a timer
-``--latency-ms`` after that, so hundreds of queries can be waiting at once.
-The loop uses ``select(2)`` (microsecond timeouts; epoll's are rounded up to
-the millisecond, which made every reply ~0.5 ms late). The latency is thus
-what the latency bound assumes: request read -> reply written.
+The server is one thread running its own non-blocking socket loop, not
+asyncio, whose per-callback machinery (transports, handles, ``call_later``
+timers, ``_run_once``) was most of this process's CPU time; and this process
+shares the machine with the daemon under test. No task or thread per
+request: a query's reply is rendered as soon as its request has been read,
+then waits on a heap of due times until ``--latency-ms`` after that, so
+hundreds of queries can be waiting at once; replies leave a connection in
+request order (pipelining safe). The sockets are watched with epoll, but a
+wait until the next due reply is a ``select(2)`` on the epoll descriptor:
+select's timeout is in microseconds, epoll's (and poll's) in milliseconds,
+rounded up, which made every reply ~0.5 ms late. The latency is thus what
+the latency bound assumes: request read -> reply written. The header lines
+of a request (the same for every request of a client) are parsed once per
+distinct block, and a reply head is one ``bytes`` format.
 
 Endpoints:
 
@@ -46,20 +53,23 @@ one JSON line on SIGINT/SIGTERM. In-process::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
+import ctypes
 import datetime
 import functools
+import heapq
+import itertools
 import json
 import re
-import selectors
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 import urllib.parse
 import zlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 __all__ = ["FakePrometheus", "ReplyGenerator", "Stats", "parse_query", "parse_time"]
 
@@ -108,6 +118,12 @@ def parse_time(value: str | None) -> float:
     """Prometheus' ``time`` parameter: RFC 3339 or unix seconds; now if absent."""
     if not value:
         return time.time()
+    return _parse_time_text(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_time_text(value: str) -> float:
+    # every query of a period has the same time: parsed once
     try:
         return float(value)
     except ValueError:
@@ -164,27 +180,51 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _stable_hash(metric: str, scope: str | None, index: int) -> int:
-    return _h("v", metric, scope, index)
-
-
-def series_value(metric: str, scope: str | None, index: int, ts: float) -> str:
-    """The sample value of series ``index`` at ``ts`` (text, as Prometheus
-    writes it). Sizes are stable per resource; usage varies per hour."""
-    hour = int(ts // 3600)
-    stable = _stable_hash(metric, scope, index)
-    hourly = _h("t", metric, scope, index, hour)
+def _value_kind(metric: str) -> str:
+    """What the values of ``metric`` are: "up" (0/1), "volume" and "image"
+    (sizes, stable per resource), "ratio" or "usage" (vary per hour)."""
     name = metric.lower()
     if name.endswith("_up"):
-        return "0" if hourly % 10 == 0 else "1"
+        return "up"
     if "bytes" in name:
-        if "volume" in name:
-            return str((1, 10, 20, 50, 100, 250, 500, 1000, 3000)[stable % 9] * GiB)
-        return str((10 + stable % 40000) * MiB)
+        return "volume" if "volume" in name else "image"
     if "ratio" in name or "util" in name:
-        return format((hourly % 10000) / 10000, "g")
-    return format((hourly % 100000) / 100, "g")
+        return "ratio"
+    return "usage"
+
+
+_VOLUME_GIB = (1, 10, 20, 50, 100, 250, 500, 1000, 3000)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _sizes(metric: str, scope: str | None, n: int, kind: str) -> tuple[str, ...]:
+    """The values of series 0..n-1 of a size metric: the same every hour."""
+    stable = [_h("v", metric, scope, i) for i in range(n)]
+    if kind == "volume":
+        return tuple(str(_VOLUME_GIB[h % 9] * GiB) for h in stable)
+    return tuple(str((10 + h % 40000) * MiB) for h in stable)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _hourly_seed(metric: str, scope: str | None) -> int:
+    """The CRC of the start of ``_h("t", metric, scope, index, hour)``:
+    the rest is CRC'd per value (the same checksum, one short string)."""
+    return zlib.crc32(f"t\x00{metric}\x00{scope}\x00".encode())
+
+
+def series_values(metric: str, scope: str | None, n: int, ts: float) -> Sequence[str]:
+    """The sample values of series 0..n-1 at ``ts`` (text, as Prometheus
+    writes it). Sizes are stable per resource; usage varies per hour."""
+    kind = _value_kind(metric)
+    if kind in ("volume", "image"):
+        return _sizes(metric, scope, n, kind)
+    seed, hour = _hourly_seed(metric, scope), int(ts // 3600)
+    hourly = [zlib.crc32(b"%d\x00%d" % (i, hour), seed) for i in range(n)]
+    if kind == "up":
+        return ["0" if h % 10 == 0 else "1" for h in hourly]
+    if kind == "ratio":
+        return [format((h % 10000) / 10000, "g") for h in hourly]
+    return [format((h % 100000) / 100, "g") for h in hourly]
 
 
 class ReplyGenerator:
@@ -224,8 +264,8 @@ class ReplyGenerator:
                      for s in self.scopes]
         else:
             prefixes = self._prefixes(metric, labels, scope_label, scope, self.series)
-            items = [f'{p}{tstext},"{series_value(metric, scope, i, ts)}"]}}'
-                     for i, p in enumerate(prefixes)]
+            values = series_values(metric, scope, self.series, ts)
+            items = [f'{p}{tstext},"{v}"]}}' for p, v in zip(prefixes, values)]
         return ('{"status":"success","data":{"resultType":"vector","result":['
                 + ",".join(items) + "]}}").encode(), len(items)
 
@@ -236,7 +276,8 @@ class ReplyGenerator:
 
 @functools.lru_cache(maxsize=65536)
 def _unquote(text: str) -> str:
-    # a scope's query text comes back every period: decoded once
+    # a scope's query text comes back every period, the time of a period
+    # with every query of it: each decoded once
     return urllib.parse.unquote_plus(text)
 
 
@@ -249,7 +290,7 @@ def _parse_qs(query_string: str) -> dict:
         name, eq, value = pair.partition("=")
         if not eq:
             continue          # parse_qsl drops a pair without "=" (blank)
-        value = _unquote(value) if len(value) > 40 else urllib.parse.unquote_plus(value)
+        value = _unquote(value)
         if value:
             params[_unquote(name)] = value
     return params
@@ -273,7 +314,7 @@ class Stats:
         self.connections = 0
         self.first_query_at: float | None = None   # time.time()
         self.last_query_at: float | None = None
-        self.render_seconds = 0.0   # CPU spent building replies
+        self.render_seconds = 0.0   # time spent building replies
         #: (start, end, scope, connection number) of every query,
         #: time.time(); GET /_trace
         self.trace: list[tuple[float, float, str | None, int]] = []
@@ -302,9 +343,86 @@ BUILDINFO = {"status": "success", "data": {
     "buildUser": "bench", "buildDate": "20260101-00:00:00", "goVersion": "go1.22"}}
 
 
+def _reply_format(status: int, keep: bool) -> bytes:
+    """``format % (len(body), body)`` is the whole reply."""
+    return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            "Content-Type: application/json\r\nContent-Length: %d\r\n"
+            f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n%b").encode()
+
+
+#: (status, keep-alive) -> reply format: one bytes ``%`` per reply
+_REPLY_FORMATS = {(status, keep): _reply_format(status, keep)
+                  for status in _REASONS for keep in (True, False)}
+
+#: longest request head accepted
+MAX_HEAD = 1 << 20
+
+#: bytes asked of each recv(): requests are < 1 KiB, pipelined ones a few
+RECV_SIZE = 1 << 16
+
+#: prctl(2) option: the timer slack of the calling thread, in ns
+PR_SET_TIMERSLACK = 29
+
+_READ = select.EPOLLIN
+_WRITE = select.EPOLLOUT
+#: what makes a recv() worth trying (its error or EOF says what happened)
+_READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_fields(block: bytes) -> tuple[bool, int, bool]:
+    """(``Connection: close``, Content-Length, form body) of the header
+    lines of a request (its head after the request line). A client sends
+    the same lines with every request: each distinct block is parsed once.
+    Raises ValueError for a bad Content-Length."""
+    headers = {}
+    for line in block.decode("latin-1").split("\r\n"):
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    length = int(headers.get("content-length") or 0)
+    if length < 0:
+        raise ValueError(f"Content-Length {length}")
+    return (headers.get("connection", "").lower() == "close", length,
+            "form" in headers.get("content-type", ""))
+
+
+def _exact_timeouts() -> None:
+    """A timer slack of 1 ns for this thread: Linux lets a timeout expire up
+    to the slack late (50 us by default), which added ~60 us to each reply."""
+    ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+
+
+class _Connection:
+    """One client connection. ``queue`` holds its replies in request order,
+    each ``[data, done, keep, ready]``: the whole reply, the query's
+    (arrived, text) for its bookkeeping (None: not a query), whether the
+    connection stays open after it, whether it is due. ``out`` is what the
+    socket did not take yet (a partial write)."""
+
+    __slots__ = ("sock", "fd", "number", "inbuf", "queue", "out",
+                 "closing", "draining", "closed")
+
+    def __init__(self, sock: socket.socket, number: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.number = number
+        self.inbuf = b""                  # the start of a request not all read
+        self.queue: collections.deque[list] = collections.deque()
+        self.out = bytearray()
+        self.closing = False              # no more requests: read only to see EOF
+        self.draining = False             # nothing but ``out`` left to send
+        self.closed = False
+
+
 class FakePrometheus:
     """The server. ``start()`` runs it on a daemon thread of this process
-    (``serve()`` runs it on the caller's thread, for the command line)."""
+    (``serve()`` runs it on the caller's thread, for the command line).
+
+    One thread, one loop: wait for the sockets or the next due reply,
+    read and answer the requests that came (replies rendered at once),
+    write the replies that are due. Other threads talk to the loop through
+    ``_call_soon_threadsafe`` (a queue and a wake-up socket)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency_ms: float = 0.0,
                  series: int = 10, scopes: list[str] | None = None) -> None:
@@ -313,42 +431,50 @@ class FakePrometheus:
         self.latency = max(latency_ms, 0.0) / 1000.0
         self.generator = ReplyGenerator(series=series, scopes=scopes)
         self.stats_ = Stats()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._stopped: asyncio.Event | None = None
-        self._connections: set[_HttpConnection] = set()
+        self._stop_requested = False
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._waker: socket.socket | None = None         # written to wake the loop
+        self._epoll: select.epoll | None = None
+        self._conns: dict[int, _Connection] = {}          # by file descriptor
+        #: (when (monotonic), sequence number, connection, queue entry) of
+        #: every reply waiting for its latency
+        self._due: list[tuple[float, int, _Connection, list]] = []
+        self._seq = itertools.count()
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     # -- lifecycle ------------------------------------------------------
-    async def _main(self, on_ready=None) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
-        self._server = await self._loop.create_server(
-            lambda: _HttpConnection(self), self.host, self.port, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        if on_ready is not None:
-            on_ready(self)
-        async with self._server:
-            await self._stopped.wait()
-            for conn in list(self._connections):  # idle keep-alive connections
-                conn.close()
-            await asyncio.sleep(0)
-
-    def serve(self, on_ready=None) -> None:
-        # select(2) takes its timeout in microseconds; epoll (asyncio's
-        # default) in milliseconds, rounded up: every reply came ~0.5 ms
-        # late on average, which the latency bound does not include.
-        loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
+    def serve(self, on_ready: Callable[["FakePrometheus"], None] | None = None) -> None:
+        """Run the server on this thread until :meth:`stop`."""
+        family = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        listener = socket.create_server((self.host, self.port), family=family, backlog=1024)
+        wake_r, wake_w = socket.socketpair()
+        epoll = select.epoll()
         try:
-            loop.run_until_complete(self._main(on_ready))
+            _exact_timeouts()
+            for sock in (listener, wake_r, wake_w):
+                sock.setblocking(False)
+            epoll.register(listener.fileno(), _READ)
+            epoll.register(wake_r.fileno(), _READ)
+            self.port = listener.getsockname()[1]
+            self._epoll, self._waker = epoll, wake_w
+            self._stop_requested = False
+            self._ready.set()
+            if on_ready is not None:
+                on_ready(self)
+            self._loop(listener, wake_r)
         finally:
-            loop.close()
+            self._waker = None
+            for conn in list(self._conns.values()):  # idle keep-alive connections
+                self._close(conn)
+            self._due.clear()
+            for closable in (epoll, listener, wake_r, wake_w):
+                closable.close()
 
     def start(self) -> "FakePrometheus":
         self._thread = threading.Thread(target=self.serve, name="fake-prometheus", daemon=True)
@@ -358,8 +484,7 @@ class FakePrometheus:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._stopped is not None:
-            self._loop.call_soon_threadsafe(self._stopped.set)
+        self._request_stop()
         if self._thread is not None:
             self._thread.join(5)
 
@@ -374,18 +499,193 @@ class FakePrometheus:
         return self.stats_.as_dict()
 
     def reset_stats(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.stats_.reset)
+        if self._waker is not None:
+            self._call_soon_threadsafe(self.stats_.reset)
+        else:
+            self.stats_.reset()
+
+    # -- the loop ---------------------------------------------------------
+    def _request_stop(self) -> None:
+        """Make the loop return (any thread, or a signal handler)."""
+        self._stop_requested = True
+        self._wake()
+
+    def _call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            try:
+                waker.send(b"\0")
+            except OSError:
+                pass  # full (the loop has wake-ups to read already) or closed
+
+    def _loop(self, listener: socket.socket, wake_r: socket.socket) -> None:
+        conns = self._conns
+        listen_fd, wake_fd = listener.fileno(), wake_r.fileno()
+        while not self._stop_requested:
+            for fd, events in self._wait():
+                conn = conns.get(fd)
+                if conn is not None:
+                    if events & _WRITE:
+                        self._on_writable(conn)
+                    if events & _READ_EVENTS and not conn.closed:
+                        self._on_readable(conn)
+                elif fd == listen_fd:
+                    self._accept(listener)
+                elif fd == wake_fd:
+                    self._run_calls(wake_r)
+            self._write_due()
+
+    def _wait(self) -> list[tuple[int, int]]:
+        """The epoll events, waiting until the next reply is due at most.
+
+        epoll_wait() takes its timeout in milliseconds (Python rounds it
+        up): every reply would leave up to 1 ms late. So a wait with a
+        deadline is a select(2) on the epoll descriptor (readable when
+        some socket is ready), whose timeout is in microseconds."""
+        due = self._due
+        if not due:
+            return self._epoll.poll()
+        delay = due[0][0] - time.monotonic()
+        if delay > 0 and not select.select((self._epoll,), (), (), delay)[0]:
+            return []
+        return self._epoll.poll(0)
+
+    def _run_calls(self, wake_r: socket.socket) -> None:
+        try:
+            wake_r.recv(4096)
+        except OSError:
+            pass
+        while self._calls:
+            self._calls.popleft()()
+
+    def _accept(self, listener: socket.socket) -> None:
+        st = self.stats_
+        while True:
+            try:
+                sock, _addr = listener.accept()
+            except OSError:  # none left (BlockingIOError), or it failed
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            st.connections += 1
+            conn = _Connection(sock, st.connections)
+            self._conns[conn.fd] = conn
+            self._epoll.register(conn.fd, _READ)
+
+    def _on_readable(self, conn: _Connection) -> None:
+        if conn.draining:   # only a hang-up or an error brings us here
+            self._close(conn)
+            return
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:         # the client is gone: its pending replies too
+            self._finish(conn)
+            return
+        if conn.closing:     # after a "Connection: close" request
+            return
+        arrived = time.monotonic()
+        try:
+            conn.inbuf = self._requests(conn, conn.inbuf + data, arrived)
+        except Exception as exc:  # noqa: BLE001 - a bad request drops its connection only
+            print(f"fake Prometheus: connection {conn.number} dropped: {exc!r}",
+                  file=sys.stderr, flush=True)
+            self._close(conn)
+
+    def _on_writable(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        del conn.out[:sent]
+        if conn.out:
+            return
+        if conn.draining:
+            self._close(conn)
+        else:
+            self._epoll.modify(conn.fd, _READ)
+
+    def _finish(self, conn: _Connection) -> None:
+        """Read no more, drop the replies not written yet, close once the
+        written ones are out."""
+        if conn.closed:
+            return
+        conn.queue.clear()
+        conn.closing = True
+        if not conn.out:
+            self._close(conn)
+        elif not conn.draining:
+            conn.draining = True
+            self._epoll.modify(conn.fd, _WRITE)
+
+    def _close(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = conn.closing = True
+        conn.queue.clear()
+        conn.out.clear()
+        self._epoll.unregister(conn.fd)
+        del self._conns[conn.fd]
+        conn.sock.close()
 
     # -- HTTP -------------------------------------------------------------
-    def _dispatch(self, method: str, target: str, headers: dict, body: bytes,
+    def _requests(self, conn: _Connection, buf: bytes, arrived: float) -> bytes:
+        """Answer the complete requests at the start of ``buf``, read at
+        ``arrived`` (monotonic); returns the rest (a partial request)."""
+        pos, size = 0, len(buf)
+        while pos < size and not conn.closing:
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0:
+                if size - pos > MAX_HEAD:
+                    self._reply(conn, 431, {"status": "error", "error": "too large"},
+                                arrived, False, None)
+                    conn.closing = True
+                    return b""
+                break
+            line_end = buf.find(b"\r\n", pos, end)
+            if line_end < 0:
+                line_end = end          # a request line and no header
+            close, length, form = _header_fields(buf[line_end + 2:end])
+            body_end = end + 4 + length
+            if body_end > size:
+                break                   # the body is not all here yet
+            body = buf[end + 4:body_end]
+            request_line = buf[pos:line_end].decode("latin-1")
+            pos = body_end
+            try:
+                method, target, version = request_line.split(" ", 2)
+            except ValueError:
+                self._finish(conn)
+                return b""
+            keep = not close and version.upper() == "HTTP/1.1"
+            status, payload, when, query = self._dispatch(
+                method.upper(), target, form, body, arrived)
+            # a query's bookkeeping is done when its reply leaves
+            done = None if query is None else (arrived, query)
+            self._reply(conn, status, payload, when, keep, done)
+            if not keep:
+                conn.closing = True
+        return buf[pos:]
+
+    def _dispatch(self, method: str, target: str, form: bool, body: bytes,
                   arrived: float) -> tuple[int, Any, float, str | None]:
         """(status, payload, when the reply may be sent (monotonic), the
         query text when it answers /api/v1/query, else None)."""
         path, _, query_string = target.partition("?")
         path = path.partition("#")[0]
         params = _parse_qs(query_string.partition("#")[0])
-        if method == "POST" and body and "form" in headers.get("content-type", ""):
+        if method == "POST" and body and form:
             params.update(_parse_qs(body.decode()))
         if path == "/api/v1/query":
             if method not in ("GET", "POST"):
@@ -411,6 +711,77 @@ class FakePrometheus:
             return 200, {"status": "success"}, arrived, None
         return 404, {"status": "error", "errorType": "not_found", "error": path}, arrived, None
 
+    def _answer(self, params: dict) -> tuple[int, Any]:
+        st = self.stats_
+        query = params.get("query")
+        if not query:
+            st.errors += 1
+            return 400, {"status": "error", "errorType": "bad_data",
+                         "error": "missing query parameter"}
+        try:
+            ts = parse_time(params.get("time"))
+            # wall time: the loop does nothing else meanwhile, so it is about
+            # the CPU time, without process_time()'s two system calls
+            t0 = time.perf_counter()
+            raw, count = self.generator.render_counted(query, ts)
+            st.render_seconds += time.perf_counter() - t0
+        except QueryError as exc:
+            st.errors += 1
+            return 400, {"status": "error", "errorType": "bad_data", "error": str(exc)}
+        st.queries += 1
+        st.series_sent += count
+        return 200, raw
+
+    def _reply(self, conn: _Connection, status: int, payload: Any, when: float,
+               keep: bool, done: tuple[float, str] | None) -> None:
+        """Queue a reply on ``conn``; it leaves at ``when`` (monotonic), after
+        the replies queued before it."""
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        entry = [_REPLY_FORMATS[status, keep] % (len(raw), raw), done, keep, False]
+        conn.queue.append(entry)
+        if when > time.monotonic():
+            heapq.heappush(self._due, (when, next(self._seq), conn, entry))
+        else:
+            entry[3] = True
+            self._flush(conn)
+
+    def _write_due(self) -> None:
+        due = self._due
+        now = time.monotonic()
+        while due and due[0][0] <= now:
+            _when, _seq, conn, entry = heapq.heappop(due)
+            entry[3] = True
+            self._flush(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        """Write the replies at the head of ``conn``'s queue that are due."""
+        queue = conn.queue
+        while queue and queue[0][3]:
+            data, done, keep, _ready = queue.popleft()
+            self._send(conn, data)
+            self.stats_.bytes_sent += len(data)
+            if done is not None:
+                self._query_done(done[0], done[1], conn.number)
+            if not keep:
+                self._finish(conn)
+
+    def _send(self, conn: _Connection, data: bytes) -> None:
+        """Write ``data``; what the socket does not take waits in ``out``
+        until it is writable."""
+        if conn.out:
+            conn.out += data
+            return
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        if sent < len(data):
+            conn.out += memoryview(data)[sent:]
+            self._epoll.modify(conn.fd, _READ | _WRITE)
+
     def _query_done(self, arrived: float, query: str | None, conn: int) -> None:
         """Bookkeeping of a query whose reply was just written."""
         st = self.stats_
@@ -422,126 +793,6 @@ class FakePrometheus:
             started = st.last_query_at - (now - arrived)
             st.trace.append((started, st.last_query_at, _scope_of(query), conn))
 
-    def _answer(self, params: dict) -> tuple[int, Any]:
-        st = self.stats_
-        query = params.get("query")
-        if not query:
-            st.errors += 1
-            return 400, {"status": "error", "errorType": "bad_data",
-                         "error": "missing query parameter"}
-        try:
-            ts = parse_time(params.get("time"))
-            c0 = time.process_time()
-            raw, count = self.generator.render_counted(query, ts)
-            st.render_seconds += time.process_time() - c0
-        except QueryError as exc:
-            st.errors += 1
-            return 400, {"status": "error", "errorType": "bad_data", "error": str(exc)}
-        st.queries += 1
-        st.series_sent += count
-        return 200, raw
-
-
-#: longest request head accepted
-MAX_HEAD = 1 << 20
-
-
-class _HttpConnection(asyncio.Protocol):
-    """One HTTP/1.1 keep-alive connection. No task per request: a query's
-    reply is rendered at once and written by a timer ``latency`` after its
-    request was read; replies leave in request order (pipelining safe)."""
-
-    def __init__(self, server: FakePrometheus) -> None:
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.queue: collections.deque = collections.deque()  # [when, data, done, keep]
-        self.number = 0
-        self.closing = False
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        st = self.server.stats_
-        st.connections += 1
-        self.number = st.connections
-        self.server._connections.add(self)
-
-    def connection_lost(self, exc) -> None:
-        self.server._connections.discard(self)
-        self.closing = True
-
-    def close(self) -> None:
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        while not self.closing:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    self._queue_reply(431, {"status": "error", "error": "too large"},
-                                      time.monotonic(), False, None)
-                return
-            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-            headers = {}
-            for line in lines[1:]:
-                if ":" in line:
-                    k, v = line.split(":", 1)
-                    headers[k.strip().lower()] = v.strip()
-            length = int(headers.get("content-length") or 0)
-            if len(buf) < end + 4 + length:
-                return  # the body is not all here yet
-            body = bytes(buf[end + 4:end + 4 + length])
-            del buf[:end + 4 + length]
-            arrived = time.monotonic()
-            try:
-                method, target, version = lines[0].split(" ", 2)
-            except ValueError:
-                self.close()
-                return
-            keep = (version.upper() == "HTTP/1.1"
-                    and headers.get("connection", "").lower() != "close")
-            status, payload, when, query = self.server._dispatch(
-                method.upper(), target, headers, body, arrived)
-            # a query's bookkeeping is done when its reply leaves
-            done = None if query is None else (arrived, query)
-            self._queue_reply(status, payload, when, keep, done)
-            if not keep:
-                self.closing = True
-
-    def _queue_reply(self, status: int, payload, when: float, keep: bool, done) -> None:
-        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
-                f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode()
-        entry = [when, head + raw, done, keep, False]
-        self.queue.append(entry)
-        delay = when - time.monotonic()
-        if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self._ready, entry)
-        else:
-            self._ready(entry)
-
-    def _ready(self, entry: list) -> None:
-        entry[4] = True
-        queue = self.queue
-        while queue and queue[0][4]:
-            _when, data, done, keep, _ = queue.popleft()
-            if self.transport is None or self.transport.is_closing():
-                queue.clear()
-                return
-            self.transport.write(data)
-            self.server.stats_.bytes_sent += len(data)
-            if done is not None:
-                self.server._query_done(done[0], done[1], self.number)
-            if not keep:
-                self.transport.close()
-                queue.clear()
-                return
-
 
 #: queries kept in the trace (GET /_trace)
 TRACE_MAX = 2_000_000
@@ -552,6 +803,15 @@ def _scope_of(query: str | None) -> str | None:
         return parse_query(query or "")[2]
     except QueryError:
         return None
+
+
+def _print_stats_every(server: FakePrometheus, interval: float) -> None:
+    """--stats-interval, on a thread of its own: the loop's only timers are
+    the replies'."""
+    while True:
+        time.sleep(interval)
+        sys.stdout.write(json.dumps(server.stats()) + "\n")
+        sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,16 +831,12 @@ def main(argv: list[str] | None = None) -> int:
                           series=args.series, scopes=scopes)
 
     def on_ready(server: FakePrometheus) -> None:
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server._stopped.set)
+            signal.signal(sig, lambda _sig, _frame: server._request_stop())
         print(f"listening on {server.url}", flush=True)
         if args.stats_interval > 0:
-            async def ticker():
-                while True:
-                    await asyncio.sleep(args.stats_interval)
-                    print(json.dumps(server.stats()), flush=True)
-            loop.create_task(ticker())
+            threading.Thread(target=_print_stats_every, args=(server, args.stats_interval),
+                             name="fake-prometheus-stats", daemon=True).start()
 
     fake.serve(on_ready)
     print(json.dumps(fake.stats()), flush=True)

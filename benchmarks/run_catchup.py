@@ -440,9 +440,11 @@ def read_results(url: str) -> dict:
         rows = c.execute(sa.text("SELECT count(*) FROM rated_data")).scalar()
         errors = c.execute(sa.text(
             "SELECT count(*) FROM scope_state WHERE last_error IS NOT NULL")).scalar()
-        workers = dict(c.execute(sa.text(
-            "SELECT worker, count(*) FROM rated_period GROUP BY worker")).all())
+        spans = c.execute(sa.text(
+            "SELECT worker, count(*), min(committed_at), max(committed_at) "
+            "FROM rated_period GROUP BY worker")).all()
     engine.dispose()
+    workers = {w: n for w, n, _first, _last in spans}
 
     def ts(v):
         if v is None:
@@ -452,7 +454,8 @@ def read_results(url: str) -> dict:
         return v.replace(tzinfo=UTC).timestamp()
 
     return {"periods": periods, "points": points or 0, "rows": rows, "errors": errors,
-            "first_commit": ts(first), "last_commit": ts(last), "per_worker": workers}
+            "first_commit": ts(first), "last_commit": ts(last), "per_worker": workers,
+            "worker_commits": {w: (ts(a), ts(b)) for w, _n, a, b in spans}}
 
 
 def cpu_reference() -> float:
@@ -1072,6 +1075,7 @@ def summarize(r: dict, spec: RunSpec) -> dict:
         "queries": srv["queries"], "max_inflight": srv["max_active"],
         "mean_inflight": (srv["busy_seconds"] / window) if window else None,
         "server_cpu_s": r["server_cpu"], "per_worker_periods": db["per_worker"],
+        "worker_commits": db.get("worker_commits") or {},
         "code": r.get("code"), "stalled": r.get("stalled"),
         "cpu_ref_ms": r.get("cpu_ref_ms"),
     }
@@ -1136,6 +1140,13 @@ def print_run(s: dict, r: dict, spec: RunSpec) -> None:
     if len(s["per_worker_periods"]) > 1:
         print("  per worker     " + ", ".join(f"{k}: {v}" for k, v in
                                               sorted(s["per_worker_periods"].items())))
+        spans = [v for v in s["worker_commits"].values() if None not in v]
+        if len(spans) > 1:
+            # how much of the window only some of the workers were working
+            firsts, lasts = [a for a, _ in spans], [b for _, b in spans]
+            print(f"  worker skew    first commits {(max(firsts) - min(firsts)) * 1000:.0f} ms "
+                  f"apart, last commits {(max(lasts) - min(lasts)) * 1000:.0f} ms apart "
+                  "(the window includes both)")
     for w in s["workers"]:
         print(f"  worker {w['pid']:>7}  peak RSS {w['peak_rss_mb']:.1f} MB (VmHWM "
               f"{w['hwm_end_mb']:.1f}); after 10 % of periods RSS {fmt(w['rss_10_mb'])} / "
