@@ -135,6 +135,29 @@ def test_commit_and_read_back_exact(storage):
     assert summary["p1", "volume"].qty == big_qty
 
 
+def test_label_json_is_the_standard_encoders_json():
+    """groupby/metadata text: compact, keys sorted, the same JSON as the
+    standard encoder gives (non-ASCII written as is), for the values a
+    rating script may leave there too (numbers, None, booleans, Decimal,
+    an integer beyond 64 bits, non-string keys)."""
+    import json
+
+    cases = [
+        {"project_id": "p1", "id": "vm-1", "flavor_name": "m1.small"},
+        {"z": "last", "a": "first", "quote": 'say "hi"', "nl": "a\nb", "u": "vol-é✓"},
+        {"n": None, "t": True, "f": 1.5, "i": 7, "d": D("1.50"), "big": 2 ** 70},
+        {1: "one", 2: "two"},
+        {},
+    ]
+    for labels in cases:
+        text = sql_storage._label_json(labels)
+        assert json.loads(text) == json.loads(sql_storage._dumps(labels))
+        assert ", " not in text and ": " not in text
+        keys = list(json.loads(text))
+        assert keys == sorted(keys)
+    assert sql_storage._label_json({"u": "é"}) == '{"u":"é"}'
+
+
 def test_summary_is_exact_and_counts_periods(storage):
     v = 0
     for n in range(3):
