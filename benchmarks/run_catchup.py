@@ -1075,7 +1075,7 @@ def summarize(r: dict, spec: RunSpec) -> dict:
         "queries": srv["queries"], "max_inflight": srv["max_active"],
         "mean_inflight": (srv["busy_seconds"] / window) if window else None,
         "server_cpu_s": r["server_cpu"], "per_worker_periods": db["per_worker"],
-        "worker_commits": db.get("worker_commits") or {},
+        "worker_commits": db["worker_commits"],
         "code": r.get("code"), "stalled": r.get("stalled"),
         "cpu_ref_ms": r.get("cpu_ref_ms"),
     }
