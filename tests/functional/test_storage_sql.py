@@ -495,12 +495,37 @@ def test_rated_rows_are_one_bulk_insert(storage, monkeypatch):
     finally:
         sa.event.remove(storage.engine, "before_cursor_execute", watch)
     if storage.is_sqlite:
-        inserts = [kind for kind, statement in calls
+        # multi-row INSERTs of 64 rows, then 32 and 8 for the rest (1000 =
+        # 15 x 64 + 32 + 8): one statement a row costs twice as much there
+        inserts = [(kind, statement.count("(?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+                   for kind, statement in calls
                    if statement.upper().startswith("INSERT INTO RATED_DATA")]
-        assert inserts == ["executemany"]
-    # one statement for 1000 rows (executemany, or one multi-row VALUES)
-    assert len(inserts) == 1
+        assert inserts == [("execute", 64)] * 15 + [("execute", 32), ("execute", 8)]
+    else:
+        # one statement for 1000 rows (executemany, or one multi-row VALUES)
+        assert len(inserts) == 1
     assert count(storage, models.rated_data, "p1") == 1001
+
+
+@pytest.mark.parametrize("points", [1, 2, 63, 64, 65, 127, 128, 200])
+def test_rows_stored_whole_and_in_order_at_every_batch_boundary(storage, points):
+    """Every row of a period is stored once, as given, in the frame's
+    order (SQLite splits a period into INSERTs of 64, 32, ... 1 rows)."""
+    frame = make_frame("p1", 0, points=points, types=("instance", "volume"))
+    storage.commit_period(frame, 0)
+    frame2 = make_frame("p1", 1, points=points + 1)
+    storage.commit_period(frame2, 1)
+    expected = [
+        RatedRow("p1", f.begin, f.end, usage_type, p.unit, p.qty, p.price,
+                 p.groupby, p.metadata)
+        for f in (frame, frame2) for usage_type, points_ in sorted(f.items())
+        for p in points_]
+    assert list(storage.iter_rated("p1")) == expected
+    assert [p.points for p in storage.iter_periods("p1")] == [2 * points, points + 1]
+    with storage.reader_engine.connect() as connection:
+        ids = connection.execute(sa.select(models.rated_data.c.id)
+                                 .order_by(models.rated_data.c.id)).scalars().all()
+    assert len(ids) == len(set(ids)) == 3 * points + 1
 
 
 # -- SQLite specifics -----------------------------------------------------------
