@@ -228,12 +228,15 @@ def _naive(dt: datetime.datetime | None) -> datetime.datetime | None:
     return None if dt is None else utils.to_naive_utc(dt)
 
 
-def _exact_sum(values: Iterable[decimal.Decimal]) -> decimal.Decimal:
-    total = decimal.Decimal(0)
-    add = _EXACT.add
-    for value in values:
-        total = add(total, value)
-    return total
+def _decimal_text(value: decimal.Decimal) -> str:
+    """``format(value, "f")`` (plain digits, trailing zeros kept), by
+    ``str`` where that gives the same text: a Decimal with an exponent <= 0
+    and not too small. 0.14 us instead of 0.57, twice per stored row."""
+    if type(value) is decimal.Decimal:
+        text = str(value)
+        if "E" not in text and "e" not in text:
+            return text
+    return format(value, "f")
 
 
 def _sqlite_is_memory(url: sa.URL) -> bool:
@@ -526,22 +529,26 @@ class SQLStorage(BaseStorage):
         scope_id = frame.scope_id
         begin, end = _naive(frame.begin), _naive(frame.end)
         dumps = _label_json
+        text = _decimal_text
+        add = _EXACT.add
+        total = decimal.Decimal(0)
+        rows: list = []
+        append = rows.append
         if self.is_sqlite:
             b, e = _sqlite_datetime(begin), _sqlite_datetime(end)
-            rows: list = []
-            append = rows.append
             for usage_type, points in frame.items():
-                for p in points:
-                    append((scope_id, b, e, usage_type, p.unit, format(p.qty, "f"),
-                            format(p.price, "f"), dumps(p.groupby), dumps(p.metadata)))
+                for unit, qty, price, groupby, metadata in points:
+                    append((scope_id, b, e, usage_type, unit, text(qty), text(price),
+                            dumps(groupby), dumps(metadata)))
+                    total = add(total, price)
         else:
-            rows = [
-                {"scope_id": scope_id, "begin": begin, "end": end, "type": usage_type,
-                 "unit": p.unit, "qty": format(p.qty, "f"), "price": format(p.price, "f"),
-                 "groupby": dumps(p.groupby), "metadata": dumps(p.metadata)}
-                for usage_type, points in frame.items() for p in points
-            ]
-        total = _exact_sum(p.price for _, p in frame.iterpoints())
+            for usage_type, points in frame.items():
+                for unit, qty, price, groupby, metadata in points:
+                    append({"scope_id": scope_id, "begin": begin, "end": end,
+                            "type": usage_type, "unit": unit, "qty": text(qty),
+                            "price": text(price), "groupby": dumps(groupby),
+                            "metadata": dumps(metadata)})
+                    total = add(total, price)
         period_row = {
             "scope_id": scope_id, "begin": begin, "end": end, "points": len(rows),
             "price": utils.decimal_str(total), "committed_at": now, "worker": worker or "",

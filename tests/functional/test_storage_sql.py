@@ -158,6 +158,28 @@ def test_label_json_is_the_standard_encoders_json():
     assert sql_storage._label_json({"u": "é"}) == '{"u":"é"}'
 
 
+def test_decimal_text_is_format_f():
+    """Stored quantities and prices are ``format(d, "f")``; the storage
+    takes ``str(d)`` where that is the same text."""
+    import random
+
+    rnd = random.Random(6)
+    values = [D(x) for x in ("0", "-0", "0.00", "0E-10", "0E+3", "1E+3", "-1E+3", "1.50",
+                             "0.000001", "0.0000001", "-0.00000012", "123456789012345678901234",
+                             "1.000000000000000000000000000001", "98765E-30", "NaN",
+                             "Infinity", "-Infinity")]
+    values += [D(rnd.randint(-10**12, 10**12)).scaleb(rnd.randint(-40, 12))
+               for _ in range(5000)]
+    for value in values:
+        assert sql_storage._decimal_text(value) == format(value, "f"), value
+    with decimal.localcontext() as ctx:
+        ctx.capitals = 0  # str() writes a lower-case exponent then
+        assert sql_storage._decimal_text(D("1E+3")) == "1000"
+        assert sql_storage._decimal_text(D("1E-7")) == "0.0000001"
+    # not a Decimal (a plugin's int): what format gives, as before
+    assert sql_storage._decimal_text(3) == format(3, "f")
+
+
 def test_summary_is_exact_and_counts_periods(storage):
     v = 0
     for n in range(3):
