@@ -943,10 +943,12 @@ def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
     (groupby/metadata as sorted-key JSON, as the storage does) and inserting
     them into the same kind of database with SQLAlchemy Core executemany in
     one transaction per period; plus, on SQLite, the same insert with raw
-    sqlite3 executemany (one statement execution a row), and with raw
-    multi-row INSERTs of 64 rows (then 32, 16, ... 1: what the daemon does
-    on SQLite, twice as fast a row as executemany). Rendering the replies
+    sqlite3 executemany (one statement execution a row); and the floor
+    with the daemon's own libraries: orjson to parse and to write the
+    label JSON, rows as tuples, and raw multi-row INSERTs of 64 rows (then
+    32, 16, ... 1), as the daemon commits on SQLite. Rendering the replies
     is not timed."""
+    import orjson
     import sqlalchemy as sa
 
     sys.path.insert(0, str(REPO))
@@ -1005,8 +1007,13 @@ def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
     ins = table.insert()
     loads = json.loads
     dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+    oloads = orjson.loads
+
+    def odumps(labels, _opt=orjson.OPT_SORT_KEYS, _dumps=orjson.dumps):
+        return _dumps(labels, option=_opt).decode()
+
     clock = time.perf_counter
-    t_parse = t_rows = t_insert = t_raw = t_multi = 0.0
+    t_parse = t_rows = t_insert = t_raw = t_multi = t_oparse = t_orows = 0.0
     n = periods = 0
     try:
         for scope in scopes:
@@ -1041,9 +1048,20 @@ def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
                                               for r in rows])
                     con.execute("COMMIT")
                 t4 = clock()
+                # the same with the daemon's libraries: orjson, rows as tuples
+                results = [oloads(body)["data"]["result"] for body in bodies]
+                t5 = clock()
+                bs, es = str(bn), str(en)
+                tuples = []
+                for (_m, _a, _l, usage, unit, groupby, metadata), result in zip(queries, results):
+                    for item in result:
+                        lab = item["metric"]
+                        gb = {k: lab.get(k, "") for k in groupby}
+                        gb[SCOPE_KEY] = scope
+                        tuples.append((scope, bs, es, usage, unit, item["value"][1], "0",
+                                       odumps(gb), odumps({k: lab.get(k, "") for k in metadata})))
+                t6 = clock()
                 if con is not None:
-                    tuples = [(r["scope_id"], bs, es, r["type"], r["unit"], r["qty"],
-                               r["price"], r["groupby"], r["metadata"]) for r in rows]
                     con_multi.execute("BEGIN IMMEDIATE")
                     i, size = 0, 64
                     while i < len(tuples):
@@ -1052,12 +1070,14 @@ def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
                         con_multi.execute(multi_sql[size], list(chain(tuples[i:i + size])))
                         i += size
                     con_multi.execute("COMMIT")
-                t5 = clock()
+                t7 = clock()
                 t_parse += t1 - t0
                 t_rows += t2 - t1
                 t_insert += t3 - t2
                 t_raw += t4 - t3
-                t_multi += t5 - t4
+                t_oparse += t5 - t4
+                t_orows += t6 - t5
+                t_multi += t7 - t6
                 n += len(rows)
                 periods += 1
     finally:
@@ -1070,12 +1090,13 @@ def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     total = t_parse + t_rows + t_insert
     raw_total = (t_parse + t_rows + t_raw) if con is not None else None
-    multi_total = (t_parse + t_rows + t_multi) if con is not None else None
+    multi_total = (t_oparse + t_orows + t_multi) if con is not None else None
     return {"points": n, "periods": periods, "db": kind,
             "parse_s": t_parse, "rows_s": t_rows, "insert_s": t_insert,
             "raw_insert_s": t_raw if con is not None else None,
             "total_s": total, "points_per_s": n / total if total else None,
             "raw_points_per_s": (n / raw_total) if raw_total else None,
+            "orjson_parse_s": t_oparse, "orjson_rows_s": t_orows,
             "multi_insert_s": t_multi if con is not None else None,
             "multi_points_per_s": (n / multi_total) if multi_total else None}
 
@@ -1226,25 +1247,28 @@ def print_profile(prof: dict) -> None:
 
 def print_floor(f: dict, measured_pps: float | None) -> None:
     print(f"\n=== floor ({f['points']:,} datapoints, {f['periods']} periods, {f['db']}) ===")
-    print(f"  json.loads of the same replies   {f['parse_s']:.3f} s")
-    print(f"  build rows (groupby/metadata JSON) {f['rows_s']:.3f} s")
-    print(f"  insert, SQLAlchemy executemany, 1 tx/period  {f['insert_s']:.3f} s")
     multi = f.get("multi_points_per_s")
+    print(f"  json.loads of the same replies   {f['parse_s']:.3f} s"
+          + (f"   (orjson.loads: {f['orjson_parse_s']:.3f} s)" if multi else ""))
+    print(f"  build rows (groupby/metadata JSON) {f['rows_s']:.3f} s"
+          + (f"   (orjson, tuples: {f['orjson_rows_s']:.3f} s)" if multi else ""))
+    print(f"  insert, SQLAlchemy executemany, 1 tx/period  {f['insert_s']:.3f} s")
     if f["raw_insert_s"] is not None:
         print(f"  insert, raw sqlite3 executemany, 1 tx/period {f['raw_insert_s']:.3f} s")
     if multi:
         print(f"  insert, raw sqlite3 64-row INSERTs, 1 tx/period {f['multi_insert_s']:.3f} s")
-    print(f"  floor with SQLAlchemy: {f['total_s']:.3f} s = {f['points_per_s']:,.0f} "
-          "datapoints/s" + (f"; with raw sqlite3 executemany: "
-                            f"{f['raw_points_per_s']:,.0f}/s" if f["raw_points_per_s"] else "")
-          + (f"; raw sqlite3 64-row INSERTs (what the daemon does on SQLite): {multi:,.0f}/s"
-             if multi else ""))
+    print(f"  floor, stdlib json + SQLAlchemy: {f['total_s']:.3f} s = {f['points_per_s']:,.0f} "
+          "datapoints/s" + (f"; stdlib json + raw sqlite3 executemany: "
+                            f"{f['raw_points_per_s']:,.0f}/s" if f["raw_points_per_s"] else ""))
+    if multi:
+        print(f"  floor with the daemon's libraries (orjson, raw sqlite3 64-row INSERTs, "
+              f"as the daemon on SQLite): {multi:,.0f} datapoints/s")
     if measured_pps:
         line = f"  measured daemon / floor: {measured_pps / f['points_per_s']:.1%} (SQLAlchemy)"
         if f["raw_points_per_s"]:
             line += f", {measured_pps / f['raw_points_per_s']:.1%} (raw sqlite3 executemany)"
         if multi:
-            line += f", {measured_pps / multi:.1%} (raw sqlite3 64-row INSERTs)"
+            line += f", {measured_pps / multi:.1%} (the daemon's libraries)"
         print(line)
 
 
