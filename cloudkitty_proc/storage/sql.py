@@ -186,10 +186,11 @@ _chain = itertools.chain.from_iterable
 
 def _sqlite_insert_batches(rows: list) -> Iterator[tuple[str, list]]:
     """(statement, parameters) of multi-row INSERTs storing ``rows`` (the
-    tuples of _frame_rows), in order. One statement per row, as
-    executemany runs it, cost 7-9 us a row here, as much as the rest of
-    the commit: each execution opens the table's and the index's cursors
-    again. 64 rows a statement: 5 us (W2's rows, table and index)."""
+    tuples of _frame_rows), in order. One statement execution per row, as
+    executemany does it (bind, step from the start of the program, which
+    opens the table's and the index's cursors, reset), cost 7-9 us a row
+    here, as much as the rest of the commit; 64 rows a statement: 5 us
+    (W2's rows, table and index)."""
     n = len(rows)
     i = 0
     size = SQLITE_INSERT_BATCH
