@@ -936,6 +936,14 @@ def build_query(metric: str, agg: str, scope: str, labels: list[str]) -> str:
             f'by ({", ".join(labels)})')
 
 
+def split_labels(labels: dict, groupby: list[str], metadata: list[str],
+                 scope: str) -> tuple[dict, dict]:
+    """A series' groupby and metadata dicts, as the collector builds them."""
+    gb = {k: labels.get(k, "") for k in groupby}
+    gb[SCOPE_KEY] = scope
+    return gb, {k: labels.get(k, "") for k in metadata}
+
+
 def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
     """The floor of the CPU path, in-process, one period at a time (as the
     daemon streams): json.loads of the same replies (stdlib json, as
@@ -1029,10 +1037,7 @@ def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
                 rows = []
                 for (_m, _a, _l, usage, unit, groupby, metadata), result in zip(queries, results):
                     for item in result:
-                        lab = item["metric"]
-                        gb = {k: lab.get(k, "") for k in groupby}
-                        gb[SCOPE_KEY] = scope
-                        md = {k: lab.get(k, "") for k in metadata}
+                        gb, md = split_labels(item["metric"], groupby, metadata, scope)
                         rows.append({"scope_id": scope, "begin": bn, "end": en, "type": usage,
                                      "unit": unit, "qty": item["value"][1], "price": "0",
                                      "groupby": dumps(gb), "metadata": dumps(md)})
@@ -1055,11 +1060,9 @@ def measure_floor(spec: RunSpec, workdir_base: str | None) -> dict:
                 tuples = []
                 for (_m, _a, _l, usage, unit, groupby, metadata), result in zip(queries, results):
                     for item in result:
-                        lab = item["metric"]
-                        gb = {k: lab.get(k, "") for k in groupby}
-                        gb[SCOPE_KEY] = scope
+                        gb, md = split_labels(item["metric"], groupby, metadata, scope)
                         tuples.append((scope, bs, es, usage, unit, item["value"][1], "0",
-                                       odumps(gb), odumps({k: lab.get(k, "") for k in metadata})))
+                                       odumps(gb), odumps(md)))
                 t6 = clock()
                 if con is not None:
                     con_multi.execute("BEGIN IMMEDIATE")
