@@ -753,7 +753,7 @@ CATEGORIES = [
     ("json parse", ("json/decoder", "json/__init__.py", "models.py:json")),
     ("http (requests/urllib3/socket)", ("urllib3/", "requests/", "http/client",
                                         "socket.py", "ssl.py", "eventlet/green")),
-    ("collector convert (DataPoint)", ("collectors/base", "metrics_conf", "_promql")),
+    ("collector convert (DataPoint)", ("collectors/base", "metrics_conf", "promql.py")),
     ("collector (prometheus)", ("collectors/prometheus",)),
     ("rating (hashmap)", ("rating/",)),
     ("storage (sqlalchemy/sqlite)", ("sqlalchemy/", "storage/sql", "sqlite3")),

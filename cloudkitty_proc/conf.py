@@ -1,4 +1,4 @@
-"""Every configuration option of cloudkitty_proc, in one place.
+"""The core configuration options, and the registry of every plugin's.
 
 All options live on the global ``oslo_config.cfg.CONF`` (oslo.messaging
 misbehaves with a private ``ConfigOpts``, see doc/source/design.rst).
@@ -17,6 +17,13 @@ import socket
 from oslo_config import cfg, types
 
 from cloudkitty_proc import expressions
+from cloudkitty_proc.collectors import file as collector_file
+from cloudkitty_proc.collectors import prometheus as collector_prometheus
+from cloudkitty_proc.fetchers import prometheus as fetcher_prometheus
+from cloudkitty_proc.fetchers import source as fetcher_source
+from cloudkitty_proc.rating import hashmap as rating_hashmap
+from cloudkitty_proc.rating import pyscripts as rating_pyscripts
+from cloudkitty_proc.storage import sql as storage_sql
 
 CONF = cfg.CONF
 
@@ -217,98 +224,6 @@ fetcher_opts = [
     ),
 ]
 
-fetcher_source_opts = [
-    cfg.ListOpt(
-        "sources",
-        default=[],
-        help="Static list of scope ids to process.",
-    ),
-]
-
-_prometheus_common_opts = [
-    cfg.StrOpt(
-        "prometheus_url",
-        default="http://127.0.0.1:9090",
-        help="Prometheus server URL (without /api/v1).",
-    ),
-    cfg.StrOpt(
-        "prometheus_user",
-        help="User name for HTTP basic authentication.",
-    ),
-    cfg.StrOpt(
-        "prometheus_password",
-        secret=True,
-        help="Password for HTTP basic authentication.",
-    ),
-    cfg.StrOpt(
-        "cafile",
-        help="CA bundle used to verify the server certificate.",
-    ),
-    cfg.BoolOpt(
-        "insecure",
-        default=False,
-        help="Do not verify the server certificate.",
-    ),
-    cfg.FloatOpt(
-        "timeout",
-        default=60.0,
-        min=0.1,
-        help="Timeout in seconds of one HTTP request.",
-    ),
-]
-
-fetcher_prometheus_opts = [
-    *(_opt for _opt in _prometheus_common_opts),
-    cfg.StrOpt(
-        "metric",
-        help="Metric whose series carry the scope ids.",
-    ),
-    cfg.StrOpt(
-        "scope_attribute",
-        default="project_id",
-        help="Label of that metric which holds the scope id.",
-    ),
-    cfg.DictOpt(
-        "filters",
-        default={},
-        help="Label filters applied to the metric (key:value,...).",
-    ),
-]
-
-collector_prometheus_opts = [
-    *(_opt for _opt in _prometheus_common_opts),
-    cfg.IntOpt(
-        "retries",
-        default=3,
-        min=0,
-        help="Retries of a failed query (timeouts, 5xx, connection errors, "
-        "malformed replies or values) with exponential backoff before the "
-        "period is left for the next pass.",
-    ),
-    cfg.FloatOpt(
-        "max_backoff",
-        default=10.0,
-        min=0,
-        help="Upper bound in seconds of the wait between two retries.",
-    ),
-]
-
-collector_file_opts = [
-    cfg.StrOpt(
-        "path",
-        help="OpenMetrics text file holding timestamped samples.",
-    ),
-]
-
-database_opts = [
-    cfg.StrOpt(
-        "connection",
-        default="sqlite:///$state_path/cloudkitty-proc.sqlite",
-        secret=True,
-        help="SQLAlchemy URL of the database holding states and rated "
-        "data (sqlite, postgresql+psycopg2, mysql+pymysql).",
-    ),
-]
 
 storage_opts = [
     cfg.StrOpt(
@@ -335,27 +250,6 @@ rating_opts = [
     ),
 ]
 
-pyscripts_opts = [
-    cfg.StrOpt(
-        "scripts_dir",
-        help="Directory whose .py files are the pyscripts, run in file "
-        "name order. Ignored when scripts is set.",
-    ),
-    cfg.ListOpt(
-        "scripts",
-        default=[],
-        help="Script files run by the pyscripts processor, in this order "
-        "(takes precedence over scripts_dir).",
-    ),
-]
-
-hashmap_opts = [
-    cfg.StrOpt(
-        "rules_file",
-        default="/etc/cloudkitty-proc/rating.yml",
-        help="YAML file holding the hashmap rating rules.",
-    ),
-]
 
 metrics_opts = [
     cfg.StrOpt(
@@ -373,24 +267,39 @@ metrics_opts = [
     ),
 ]
 
+#: The core groups; each plugin module declares its own (``OPTS``).
 _GROUPS = [
     ("DEFAULT", default_opts),
     ("orchestrator", orchestrator_opts),
     ("collect", collect_opts),
     ("fetcher", fetcher_opts),
-    ("fetcher_source", fetcher_source_opts),
-    ("fetcher_prometheus", fetcher_prometheus_opts),
-    ("collector_prometheus", collector_prometheus_opts),
-    ("collector_file", collector_file_opts),
-    ("database", database_opts),
     ("storage", storage_opts),
     ("rating", rating_opts),
-    ("hashmap", hashmap_opts),
-    ("pyscripts", pyscripts_opts),
     ("metrics", metrics_opts),
 ]
 
+#: Modules whose ``OPTS`` (a list of ``(group, [options])``) are registered
+#: with the core ones: every plugin shipped with cloudkitty_proc. A new
+#: plugin adds its module here (see "Adding a plugin" in doc/source/design.rst).
+PLUGIN_OPT_MODULES = (
+    fetcher_source,
+    fetcher_prometheus,
+    collector_prometheus,
+    collector_file,
+    storage_sql,
+    rating_hashmap,
+    rating_pyscripts,
+)
+
 _registered = False
+
+
+def all_groups() -> list[tuple[str, list[cfg.Opt]]]:
+    """Every ``(group, options)`` pair: the core groups, then the plugins'."""
+    groups = list(_GROUPS)
+    for module in PLUGIN_OPT_MODULES:
+        groups.extend(module.OPTS)
+    return groups
 
 
 def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
@@ -398,7 +307,7 @@ def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
     global _registered
     if _registered and conf is CONF:
         return
-    for group, opts in _GROUPS:
+    for group, opts in all_groups():
         conf.register_opts(opts, group=None if group == "DEFAULT" else group)
     if conf is CONF:
         _registered = True
@@ -406,7 +315,7 @@ def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
 
 def list_opts():
     """Entry point for oslo-config-generator."""
-    return [(None if g == "DEFAULT" else g, list(opts)) for g, opts in _GROUPS]
+    return [(None if g == "DEFAULT" else g, list(opts)) for g, opts in all_groups()]
 
 
 register_opts()

@@ -37,10 +37,21 @@ from collections.abc import Iterable
 
 from oslo_config import cfg
 
-from cloudkitty_proc.collectors import _openmetrics, _promql
+from cloudkitty_proc import promql
+from cloudkitty_proc.collectors import _openmetrics
 from cloudkitty_proc.collectors.base import BaseCollector, RawSeries
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, MetricDef, MetricsConf
+
+collector_file_opts = [
+    cfg.StrOpt(
+        "path",
+        help="OpenMetrics text file holding timestamped samples.",
+    ),
+]
+
+OPTS = [("collector_file", collector_file_opts)]
+
 
 _Series = tuple[dict[str, str], list[int], list[float]]
 
@@ -76,7 +87,7 @@ class FileCollector(BaseCollector):
                      ) -> dict[str, dict[str, list[_Series]]]:
         scope_key = self.scope_key
         ordered = sorted(parsed.series,
-                         key=lambda s: (s.name, _promql.series_sort_key(s.name, s.labels)))
+                         key=lambda s: (s.name, promql.series_sort_key(s.name, s.labels)))
         index: dict[str, dict[str, list[_Series]]] = {}
         for s in ordered:
             labels = dict(s.labels)
@@ -98,11 +109,11 @@ class FileCollector(BaseCollector):
             return []
         lo_ms, hi_ms = _ms(begin), _ms(end)
         agg = metric.extra_args.get("aggregation_method", "max")
-        over_time = _promql.OVER_TIME[agg]
-        across = _promql.AGGREGATE[agg]
+        over_time = promql.OVER_TIME[agg]
+        across = promql.AGGREGATE[agg]
         qf_name = metric.extra_args.get("query_function")
-        qf = _promql.QUERY_FUNCTIONS[qf_name] if qf_name else None
-        keys = _promql.grouping(metric)
+        qf = promql.QUERY_FUNCTIONS[qf_name] if qf_name else None
+        keys = promql.grouping(metric)
         groups: dict[tuple[str, ...], list[float]] = {}
         for labels, timestamps, values in series:
             lo = bisect.bisect_left(timestamps, lo_ms)
@@ -114,5 +125,5 @@ class FileCollector(BaseCollector):
                 value = qf(value)
             key = tuple(labels.get(k, "") for k in keys)
             groups.setdefault(key, []).append(value)
-        return [({k: v for k, v in zip(keys, key) if v}, _promql.format_value(across(values)))
+        return [({k: v for k, v in zip(keys, key) if v}, promql.format_value(across(values)))
                 for key, values in groups.items()]

@@ -1,7 +1,7 @@
 """``prometheus`` collector: CloudKitty's Prometheus collector, reworked.
 
 For a metric definition, a scope and a period [begin, end) it sends
-CloudKitty's query (see :func:`cloudkitty_proc.collectors._promql.build_query`)
+CloudKitty's query (see :func:`cloudkitty_proc.promql.build_query`)
 as an instant query at ``time=end``::
 
     GET <prometheus_url>/api/v1/query?query=...&time=2026-01-01T01:00:00Z
@@ -82,12 +82,33 @@ import tenacity
 from oslo_config import cfg
 
 from cloudkitty_proc import __version__
-from cloudkitty_proc.collectors import _promql
+from cloudkitty_proc import promql
 from cloudkitty_proc.collectors.base import BaseCollector, RawSeries
 from cloudkitty_proc.dataframe import DataPoint
 from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.log import safe_url
 from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, MetricDef, MetricsConf
+
+collector_prometheus_opts = [
+    *promql.COMMON_OPTS,
+    cfg.IntOpt(
+        "retries",
+        default=3,
+        min=0,
+        help="Retries of a failed query (timeouts, 5xx, connection errors, "
+        "malformed replies or values) with exponential backoff before the "
+        "period is left for the next pass.",
+    ),
+    cfg.FloatOpt(
+        "max_backoff",
+        default=10.0,
+        min=0,
+        help="Upper bound in seconds of the wait between two retries.",
+    ),
+]
+
+OPTS = [("collector_prometheus", collector_prometheus_opts)]
+
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 # eventlet is imported lazily, in the worker: the master process validates
@@ -601,18 +622,18 @@ class PrometheusCollector(BaseCollector):
                       end: datetime.datetime) -> tuple[str, str, str]:
         """(query, time parameter, request target) of one instant query;
         the target is ``urlencode({"query": ..., "time": ...})``'s."""
-        period = _promql.period_seconds(begin, end)
+        period = promql.period_seconds(begin, end)
         key = (id(metric), scope_id, period)
         hit = self._targets.get(key)
         if hit is None or hit[0] is not metric:
-            query = _promql.build_query(metric, self.scope_key, scope_id, period)
+            query = promql.build_query(metric, self.scope_key, scope_id, period)
             prefix = self._pool.target(_QUERY_PATH, urllib.parse.urlencode({"query": query}))
             if len(self._targets) >= QUERY_TARGET_CACHE:
                 self._targets.clear()
             hit = self._targets[key] = (metric, query, prefix + "&time=")
         times = self._times.get(end)
         if times is None:
-            time_text = _promql.rfc3339(end)
+            time_text = promql.rfc3339(end)
             if len(self._times) >= QUERY_TIME_CACHE:
                 self._times.clear()
             times = self._times[end] = (time_text, urllib.parse.quote_plus(time_text))

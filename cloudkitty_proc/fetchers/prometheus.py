@@ -24,11 +24,33 @@ import datetime
 import requests
 from oslo_config import cfg
 
-from cloudkitty_proc import utils
-from cloudkitty_proc.collectors._promql import escape_label_value
+
+from cloudkitty_proc import promql, utils
+from cloudkitty_proc.promql import escape_label_value
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.fetchers.base import BaseFetcher, FetchError
 from cloudkitty_proc.log import safe_url
+
+fetcher_prometheus_opts = [
+    *promql.COMMON_OPTS,
+    cfg.StrOpt(
+        "metric",
+        help="Metric whose series carry the scope ids.",
+    ),
+    cfg.StrOpt(
+        "scope_attribute",
+        default="project_id",
+        help="Label of that metric which holds the scope id.",
+    ),
+    cfg.DictOpt(
+        "filters",
+        default={},
+        help="Label filters applied to the metric (key:value,...).",
+    ),
+]
+
+OPTS = [("fetcher_prometheus", fetcher_prometheus_opts)]
+
 
 
 class PrometheusFetcher(BaseFetcher):

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from oslo_config import cfg
+
 from cloudkitty_proc.fetchers.base import BaseFetcher
+
+fetcher_source_opts = [
+    cfg.ListOpt(
+        "sources",
+        default=[],
+        help="Static list of scope ids to process.",
+    ),
+]
+
+OPTS = [("fetcher_source", fetcher_source_opts)]
+
 
 
 class SourceFetcher(BaseFetcher):

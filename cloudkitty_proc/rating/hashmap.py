@@ -25,6 +25,17 @@ from cloudkitty_proc.rating._hashmap_rules import (  # noqa: F401  (re-exports)
 )
 from cloudkitty_proc.rating.base import BaseRatingProcessor
 
+hashmap_opts = [
+    cfg.StrOpt(
+        "rules_file",
+        default="/etc/cloudkitty-proc/rating.yml",
+        help="YAML file holding the hashmap rating rules.",
+    ),
+]
+
+OPTS = [("hashmap", hashmap_opts)]
+
+
 LOG = logging.getLogger(__name__)
 
 __all__ = ["HashMapProcessor", "RuleSet", "load_rules", "price_point"]

@@ -57,6 +57,23 @@ from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import ConfigError, RatingError
 from cloudkitty_proc.rating.base import BaseRatingProcessor
 
+pyscripts_opts = [
+    cfg.StrOpt(
+        "scripts_dir",
+        help="Directory whose .py files are the pyscripts, run in file "
+        "name order. Ignored when scripts is set.",
+    ),
+    cfg.ListOpt(
+        "scripts",
+        default=[],
+        help="Script files run by the pyscripts processor, in this order "
+        "(takes precedence over scripts_dir).",
+    ),
+]
+
+OPTS = [("pyscripts", pyscripts_opts)]
+
+
 LOG = logging.getLogger(__name__)
 
 _NOT_ALLOWED = (

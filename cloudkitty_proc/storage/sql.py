@@ -75,6 +75,19 @@ from cloudkitty_proc.storage.base import (ACTIVE_TASK_STATES, MAX_REQUEST_ID_LEN
                                           ReprocessTask, ScopeState, TypeSummary,
                                           request_key)
 
+database_opts = [
+    cfg.StrOpt(
+        "connection",
+        default="sqlite:///$state_path/cloudkitty-proc.sqlite",
+        secret=True,
+        help="SQLAlchemy URL of the database holding states and rated "
+        "data (sqlite, postgresql+psycopg2, mysql+pymysql).",
+    ),
+]
+
+OPTS = [("database", database_opts)]
+
+
 LOG = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")

@@ -769,13 +769,13 @@ def test_query_targets_are_built_once_per_scope_and_match_urlencode():
 
     coll, metric = fake_collector("http://127.0.0.1:9")
     built = []
-    real = prometheus._promql.build_query
+    real = prometheus.promql.build_query
 
     def counting(*args):
         built.append(args[2])
         return real(*args)
 
-    with mock.patch.object(prometheus._promql, "build_query", counting):
+    with mock.patch.object(prometheus.promql, "build_query", counting):
         for n in range(3):
             for scope in ("p1", 'p"2'):
                 query, time_text, target = coll._query_target(metric, scope, *hour(n))
@@ -794,14 +794,14 @@ def test_time_parameter_is_formatted_once_per_period_end_and_bounded():
     end given in another zone), and the cache of them stays bounded."""
     coll, metric = fake_collector("http://127.0.0.1:9")
     formatted = []
-    real = prometheus._promql.rfc3339
+    real = prometheus.promql.rfc3339
 
     def counting(dt):
         formatted.append(dt)
         return real(dt)
 
     plus2 = datetime.timezone(datetime.timedelta(hours=2))
-    with mock.patch.object(prometheus._promql, "rfc3339", counting):
+    with mock.patch.object(prometheus.promql, "rfc3339", counting):
         for scope in ("p1", "p2", "p3"):
             for n in range(2):
                 _, time_text, target = coll._query_target(metric, scope, *hour(n))

@@ -18,7 +18,8 @@ import yaml
 from oslo_config import cfg
 
 import cloudkitty_proc.conf as ckconf
-from cloudkitty_proc.collectors import _openmetrics, _promql
+from cloudkitty_proc import promql
+from cloudkitty_proc.collectors import _openmetrics
 from cloudkitty_proc.collectors.base import BaseCollector
 from cloudkitty_proc.collectors.file import FileCollector
 from cloudkitty_proc.dataframe import DataPoint
@@ -432,7 +433,7 @@ def test_parser_sorts_samples_and_drops_exact_duplicates():
     (math.nan, "NaN"), (math.inf, "+Inf"), (-math.inf, "-Inf"),
 ])
 def test_format_value_like_prometheus(value, text):
-    assert _promql.format_value(value) == text
+    assert promql.format_value(value) == text
 
 
 def test_build_query_is_cloudkitty_shape(tmp_path):
@@ -446,12 +447,12 @@ def test_build_query_is_cloudkitty_shape(tmp_path):
                                 "query_prefix": "1 +", "query_suffix": "> 0"}}],
     })
     inst, cpu_a, cpu_b = mconf.metrics
-    assert _promql.build_query(inst, "project_id", "p1", 3600) == (
+    assert promql.build_query(inst, "project_id", "p1", 3600) == (
         'max(max_over_time(instance_up{project_id="p1"}[3600s])) '
         'by (id, user_id, project_id, flavor_name)')
-    assert _promql.build_query(cpu_a, "project_id", 'p"1', 600) == (
+    assert promql.build_query(cpu_a, "project_id", 'p"1', 600) == (
         'avg(ceil(avg_over_time(cpu{project_id="p\\"1"}[600s]))) by (project_id)')
-    assert _promql.build_query(cpu_b, "project_id", "p1", 3600) == (
+    assert promql.build_query(cpu_b, "project_id", "p1", 3600) == (
         '1 + sum(rate(cpu{project_id="p1"}[3600s])) by (project_id) > 0')
 
 

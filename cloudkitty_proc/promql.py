@@ -15,12 +15,48 @@ here.
 
 from __future__ import annotations
 
+from oslo_config import cfg
+
 import datetime
 import decimal
 import math
 from collections.abc import Callable, Sequence
 
 from cloudkitty_proc.metrics_conf import MetricDef
+
+#: HTTP options shared by the Prometheus collector and fetcher groups.
+COMMON_OPTS = [
+    cfg.StrOpt(
+        "prometheus_url",
+        default="http://127.0.0.1:9090",
+        help="Prometheus server URL (without /api/v1).",
+    ),
+    cfg.StrOpt(
+        "prometheus_user",
+        help="User name for HTTP basic authentication.",
+    ),
+    cfg.StrOpt(
+        "prometheus_password",
+        secret=True,
+        help="Password for HTTP basic authentication.",
+    ),
+    cfg.StrOpt(
+        "cafile",
+        help="CA bundle used to verify the server certificate.",
+    ),
+    cfg.BoolOpt(
+        "insecure",
+        default=False,
+        help="Do not verify the server certificate.",
+    ),
+    cfg.FloatOpt(
+        "timeout",
+        default=60.0,
+        min=0.1,
+        help="Timeout in seconds of one HTTP request.",
+    ),
+]
+
 
 _UTC = datetime.timezone.utc
 
