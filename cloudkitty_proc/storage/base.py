@@ -129,7 +129,25 @@ def request_key(scope_id: str, begin: datetime.datetime, end: datetime.datetime,
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+#: Optional storage features. A backend lists those it has in its
+#: ``capabilities``; callers test ``storage.supports(...)`` before using them.
+#: ``REPROCESSING``: the reprocessing-task methods (``create_reprocess_tasks``
+#: … ``record_task_error``) are implemented.
+REPROCESSING = "reprocessing"
+
+CAPABILITIES = frozenset({REPROCESSING})
+
+
 class BaseStorage(abc.ABC):
+    #: the optional features this backend has (a subset of CAPABILITIES)
+    capabilities: frozenset[str] = frozenset()
+
+    def supports(self, capability: str) -> bool:
+        """Whether this backend has the optional feature ``capability``."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown storage capability {capability!r}")
+        return capability in self.capabilities
+
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
         #: how the storage waits for a lock held by another process; a

@@ -69,7 +69,7 @@ from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import (InvalidRequestError, SchemaError,
                                         StaleStateError, TaskCancelledError)
 from cloudkitty_proc.storage import models
-from cloudkitty_proc.storage.base import (ACTIVE_TASK_STATES, MAX_REQUEST_ID_LENGTH,
+from cloudkitty_proc.storage.base import (ACTIVE_TASK_STATES, MAX_REQUEST_ID_LENGTH, REPROCESSING,
                                           TASK_DONE, TASK_FAILED, TASK_PENDING,
                                           TASK_RUNNING, BaseStorage, RatedRow,
                                           ReprocessTask, ScopeState, TypeSummary,
@@ -380,6 +380,8 @@ class SQLStorage(BaseStorage):
     ``SQLStorage(conf)`` uses ``[database] connection``; ``url=`` overrides
     it (tests, tools). Nothing connects before the first call.
     """
+
+    capabilities = frozenset({REPROCESSING})
 
     def __init__(self, conf: cfg.ConfigOpts | None = None, *,
                  url: str | sa.URL | None = None) -> None:
