@@ -8,30 +8,77 @@ from __future__ import annotations
 
 import logging
 import re
-import urllib.parse
 
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
-_SECRET_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
+#: characters that end a URL inside free text (log lines, error messages)
+_TOKEN_END = re.compile(r"[\s\"'<>`]")
 
 
-def mask_url(text: str) -> str:
-    """Hide passwords in URLs: ``redis://u:secret@h`` → ``redis://u:***@h``."""
-    return _SECRET_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+def _userinfo_end(rest: str) -> int:
+    """Where the user-info of the URL text ``rest`` (what follows ``://``)
+    ends: its last ``@`` (-1 when there is none).
+
+    From the right, because a password may hold ``@``, ``/``, ``:``, ``#``
+    or ``?`` unencoded (oslo.messaging accepts some of those). A path or
+    query holding ``@`` is then masked too: more is hidden, never a
+    password. A list of hosts (``u:p@h1,u2:p2@h2``) shows the last host.
+    """
+    return rest.rfind("@")
+
+
+def _mask_one(scheme: str, rest: str, replacement: str | None) -> str:
+    at = _userinfo_end(rest)
+    if at < 0:
+        return scheme + rest
+    user, colon, _password = rest[:at].partition(":")
+    if replacement is None:  # drop the user-info altogether
+        return scheme + rest[at + 1:]
+    if not colon:
+        return scheme + rest
+    return f"{scheme}{user}:{replacement}@{rest[at + 1:]}"
+
+
+def _rewrite_urls(text: str, replacement: str | None) -> str:
+    """Every ``scheme://…`` of ``text`` with its password replaced (or its
+    user-info dropped, ``replacement`` None). Linear in ``len(text)``."""
+    out = []
+    pos = 0
+    find = text.find
+    i = find("://")
+    while i != -1:
+        j = i
+        while j > pos and text[j - 1] in _SCHEME_CHARS:
+            j -= 1
+        while j < i and not text[j].isalpha():  # a scheme starts with a letter
+            j += 1
+        if j == i:
+            i = find("://", i + 3)
+            continue
+        stop = _TOKEN_END.search(text, i + 3)
+        end = stop.start() if stop else len(text)
+        out.append(text[pos:j])
+        out.append(_mask_one(text[j:i + 3], text[i + 3:end], replacement))
+        pos = end
+        i = find("://", end)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def mask_url(text) -> str:
+    """Hide passwords in URLs: ``redis://u:secret@h`` → ``redis://u:***@h``.
+
+    Works on free text (exception messages that quote URLs) in linear time;
+    a password holding ``@ / : # ?`` is hidden whole.
+    """
+    return _rewrite_urls(str(text), "***")
 
 
 def safe_url(url: str) -> str:
     """``url`` without its user:password@ part (for logs and errors)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return _rewrite_urls(url, None)
 
 
 def register(conf: cfg.ConfigOpts) -> None:
