@@ -28,6 +28,23 @@ from cloudkitty_proc.storage import sql as storage_sql
 CONF = cfg.CONF
 
 
+class LabelNameType(types.String):
+    """A string option naming a label: not empty, no white space.
+
+    An empty ``[collect] scope_key`` used to be accepted, and every period
+    then committed with 0 rows (no datapoint carries an empty label).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(type_name="label name value")
+
+    def __call__(self, value):
+        value = super().__call__(value)
+        if not value or value != value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a label name (not empty, no white space)")
+        return value
+
+
 class ExpressionType(types.String):
     """A string option holding a skip expression, checked when read.
 
@@ -183,8 +200,9 @@ collect_opts = [
         default="/etc/cloudkitty-proc/metrics.yml",
         help="Metrics definition file (CloudKitty's metrics.yml format).",
     ),
-    cfg.StrOpt(
+    cfg.Opt(
         "scope_key",
+        type=LabelNameType(),
         default="project_id",
         help="Label that identifies a scope in the collected data.",
     ),

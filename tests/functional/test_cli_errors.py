@@ -60,3 +60,12 @@ def test_unknown_plugin(conf):
     conf.write_text(conf.read_text().replace("processors = noop", "processors = nope"))
     line = _one_line_error(run("manage", conf, "check"))
     assert "[rating] processors = nope: no such plugin" in line
+
+
+@pytest.mark.parametrize("value", ["", "  ", "project id"])
+@pytest.mark.parametrize("cmd,args", [("daemon", ("--oneshot",)), ("manage", ("check",))])
+def test_empty_scope_key_is_refused(conf, cmd, args, value):
+    """An empty scope_key matched no datapoint: every period committed empty."""
+    conf.write_text(conf.read_text() + f"\n[collect]\nscope_key = {value}\n")
+    line = _one_line_error(run(cmd, conf, *args))
+    assert "[collect] scope_key" in line and "not a label name" in line
