@@ -16,6 +16,12 @@ Conversion of a collected value follows CloudKitty exactly: the raw value is
 read as a Decimal in a context of 9 significant digits rounding half up,
 multiplied by ``factor`` and added to ``offset`` in that context, then
 mutated (NONE, NUMBOOL, NOTNUMBOOL, FLOOR, CEIL, MAP).
+
+Bounds (refused with the file, metric and key): ``factor``, ``offset`` and
+the numbers of ``mutate_map`` are finite, at most ``MAX_NUMBER`` in absolute
+value, fractions with a denominator of at most ``MAX_NUMBER``. A converted
+quantity must be 0 or between ``MIN_QUANTITY`` and ``MAX_QUANTITY`` in
+absolute value; another is refused like a value that is not a number.
 """
 
 from __future__ import annotations
@@ -27,9 +33,7 @@ import math
 from typing import Any
 
 import voluptuous as vol
-import yaml
-
-from cloudkitty_proc import expressions
+from cloudkitty_proc import expressions, yamlfile
 from cloudkitty_proc.exceptions import ConfigError
 
 MUTATORS = ("NONE", "NUMBOOL", "NOTNUMBOOL", "FLOOR", "CEIL", "MAP")
@@ -55,18 +59,36 @@ CONVERT_CACHE_SIZE = 1024
 """Raw values whose conversion a MetricDef remembers (then it starts over)."""
 
 
+#: the largest absolute value (and fraction denominator) of factor, offset
+#: and mutate_map numbers
+MAX_NUMBER = 10 ** 15
+#: the range of a converted quantity's absolute value (0 aside): its text
+#: in storage (format "f") stays under 50 characters
+MAX_QUANTITY = decimal.Decimal("1e36")
+MIN_QUANTITY = decimal.Decimal("1e-36")
+
+
 def _number(value: Any) -> int | float | fractions.Fraction:
     if isinstance(value, bool):
         raise vol.Invalid("expected a number, got a boolean")
+    number: int | float | fractions.Fraction | None = None
     if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
+        number = value
+    elif isinstance(value, str) and len(value) <= yamlfile.EXCERPT:
         try:
-            return fractions.Fraction(value.strip())
+            number = fractions.Fraction(value.strip())
         except (ValueError, ZeroDivisionError):
             pass
-    raise vol.Invalid(f"expected an int, a float or a fraction like "
-                      f"\"1/1024\", got {value!r}")
+    if number is None:
+        raise vol.Invalid(f"expected an int, a float or a fraction like "
+                          f"\"1/1024\", got {yamlfile.excerpt(value)}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise vol.Invalid(f"expected a finite number, got {value!r}")
+    if abs(number) > MAX_NUMBER or (isinstance(number, fractions.Fraction)
+                                    and number.denominator > MAX_NUMBER):
+        raise vol.Invalid(f"{yamlfile.excerpt(value)} is out of range (at most {MAX_NUMBER:.0e} "
+                          "in absolute value, denominators included)")
+    return number
 
 
 def _num2decimal(num: int | float | fractions.Fraction) -> decimal.Decimal:
@@ -91,7 +113,7 @@ def _skip_expression(value: Any) -> str:
         try:
             expressions.parse_expression(value)
         except expressions.ExpressionError as exc:
-            raise vol.Invalid(f"invalid expression {value!r}: {exc}") from None
+            raise vol.Invalid(f"invalid expression {yamlfile.excerpt(value)}: {exc}") from None
     return value
 
 METRIC_SCHEMA = vol.Schema({
@@ -181,14 +203,18 @@ class MetricDef:
         try:
             value = decimal.Decimal(raw) if not isinstance(raw, float) else decimal.Decimal(repr(raw))
         except (decimal.InvalidOperation, TypeError, ValueError):
-            raise ValueError(f"not a number: {raw!r}") from None
+            raise ValueError(f"not a number: {yamlfile.excerpt(raw)}") from None
         if not value.is_finite():
-            raise ValueError(f"not a finite number: {raw!r}")
+            raise ValueError(f"not a finite number: {yamlfile.excerpt(raw)}")
         ctx = _CONVERT_CTX
         qty = ctx.add(ctx.multiply(ctx.plus(value), self._dfactor),  # type: ignore[attr-defined]
                       self._doffset)  # type: ignore[attr-defined]
         if self.mutate != "NONE":
             qty = to_decimal(self._mutate(qty))
+        if qty and not MIN_QUANTITY <= abs(qty) <= MAX_QUANTITY:
+            raise ValueError(f"{yamlfile.excerpt(raw)} converts to {qty:.3e}, out of the "
+                             f"accepted range of quantities (0 or {MIN_QUANTITY:.0e} to "
+                             f"{MAX_QUANTITY:.0e} in absolute value)")
         if type(raw) is str:
             # Only str keys: 1, 1.0 and Decimal("1.0") are equal keys but
             # do not convert alike.
@@ -270,7 +296,8 @@ def parse_metrics(data: Any, *, path: str = "<metrics.yml>",
     seen_types: dict[str, str] = {}
     for name, body in metrics.items():
         if not isinstance(name, str) or not name:
-            raise ConfigError(f"{path}: metric name {name!r} must be a non-empty string")
+            raise ConfigError(f"{path}: metric name {yamlfile.excerpt(name)} must be a "
+                              "non-empty string")
         if isinstance(body, list):
             if not body:
                 raise ConfigError(f"{_where(path, name, None)}: an empty list of definitions")
@@ -314,7 +341,8 @@ def parse_metrics(data: Any, *, path: str = "<metrics.yml>",
                 groupby=tuple(groupby),
                 metadata=tuple(dict.fromkeys(conf["metadata"])),
                 mutate=conf["mutate"],
-                mutate_map={_map_key(k): v for k, v in conf["mutate_map"].items()}
+                mutate_map={_map_key(k): _num2decimal(_number(v))
+                            for k, v in conf["mutate_map"].items()}
                 if conf.get("mutate_map") else None,
                 description=conf.get("description"),
                 extra_args=extra_args,
@@ -339,18 +367,6 @@ def _map_key(key: Any) -> Any:
 def load_metrics_conf(path: str, *, scope_key: str = "project_id",
                       extra_args_schema: dict | None = None) -> MetricsConf:
     """Read and validate a metrics.yml file. Raises ConfigError."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: metrics file not found "
-                          "(set [collect] metrics_conf)") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read metrics file: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: "
-                          f"{getattr(exc, 'problem', None) or exc}") from None
+    data = yamlfile.load(path, what="metrics file", hint="set [collect] metrics_conf")
     return parse_metrics(data, path=path, scope_key=scope_key,
                          extra_args_schema=extra_args_schema)

@@ -69,3 +69,14 @@ def test_empty_scope_key_is_refused(conf, cmd, args, value):
     conf.write_text(conf.read_text() + f"\n[collect]\nscope_key = {value}\n")
     line = _one_line_error(run(cmd, conf, *args))
     assert "[collect] scope_key" in line and "not a label name" in line
+
+
+@pytest.mark.parametrize("body,needle", [
+    (b"metrics:\n  instance_up:\n    unit: instance\n    factor: 1e400\n",
+     "metric 'instance_up': key 'factor': '1e400' is out of range"),
+    (b"metrics:\n  instance_up:\n    unit: inst\xe2nce\n", "not UTF-8 text (byte 0xe2 at offset"),
+], ids=["factor-1e400", "not-utf8"])
+def test_metrics_yml_unclear_errors_are_one_line(conf, tmp_path, body, needle):
+    (tmp_path / "metrics.yml").write_bytes(body)
+    line = _one_line_error(run("manage", conf, "check"))
+    assert str(tmp_path / "metrics.yml") in line and needle in line
