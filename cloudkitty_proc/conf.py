@@ -28,6 +28,21 @@ from cloudkitty_proc.storage import sql as storage_sql
 CONF = cfg.CONF
 
 
+class DirectoryType(types.String):
+    """A directory path, normalised (``/var/lib/ckp/`` → ``/var/lib/ckp``).
+
+    Options built on it by interpolation (``file://$state_path/locks``) then
+    never hold ``//``: tooz refused every lock name under such a path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(type_name="directory value")
+
+    def __call__(self, value):
+        value = super().__call__(value)
+        return os.path.normpath(value) if value else value
+
+
 class LabelNameType(types.String):
     """A string option naming a label: not empty, no white space.
 
@@ -85,8 +100,9 @@ default_opts = [
         "to run two independent deployments on one message broker virtual "
         "host.",
     ),
-    cfg.StrOpt(
+    cfg.Opt(
         "state_path",
+        type=DirectoryType(),
         default="/var/lib/cloudkitty-proc",
         help="Directory where the daemon keeps its local state (SQLite "
         "database and file locks with the default settings).",

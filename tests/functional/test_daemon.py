@@ -110,3 +110,18 @@ def test_export_filters_and_formats(tmp_path, sqlite_url):
         rows = list(csv.DictReader(fh))
     assert [{**r, "groupby": json.loads(r["groupby"]), "metadata": json.loads(r["metadata"])}
             for r in rows] == every
+
+
+def test_state_path_with_a_trailing_slash_rates_everything(tmp_path):
+    """``state_path = /dir/`` made the default lock URL ``file:///dir//locks``:
+    tooz refused every lock and nothing was rated (issue 15 item 6)."""
+    ds = datagen.generate(n_scopes=2, hours=3)
+    conf = _prepare(tmp_path, f"sqlite:///{tmp_path}/ckp.sqlite", ds, workers=1)
+    text = conf.read_text()
+    state = f"state_path = {tmp_path / 'state'}"
+    assert state in text
+    conf.write_text(text.replace(state, state + "//"))
+    proc = daemon.run_oneshot(conf)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_complete(conf, ds)
+    assert (tmp_path / "state" / "locks").is_dir()
