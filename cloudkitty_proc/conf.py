@@ -43,6 +43,29 @@ class DirectoryType(types.String):
         return os.path.normpath(value) if value else value
 
 
+def split_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9100``; an empty host is 127.0.0.1) → (host,
+    port). ValueError unless the port is a number from 1 to 65535."""
+    host, colon, port = value.strip().rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port with a port from 1 to 65535, got {value!r}")
+    return host, int(port)
+
+
+class ListenType(types.String):
+    """``host:port`` to listen on, checked when read."""
+
+    def __init__(self) -> None:
+        super().__init__(type_name="host:port value")
+
+    def __call__(self, value):
+        value = super().__call__(value)
+        if value:
+            split_host_port(value)
+        return value
+
+
 class LabelNameType(types.String):
     """A string option naming a label: not empty, no white space.
 
@@ -286,8 +309,9 @@ rating_opts = [
 
 
 metrics_opts = [
-    cfg.StrOpt(
+    cfg.Opt(
         "listen",
+        type=ListenType(),
         help="host:port where /metrics and /healthz are served (use a "
         "loopback address unless a firewall protects the port). Unset: no "
         "HTTP endpoint.",

@@ -32,18 +32,17 @@ import cotyledon
 from oslo_config import cfg
 
 from cloudkitty_proc import plugins, utils
+from cloudkitty_proc.conf import split_host_port
 from cloudkitty_proc.telemetry import ENV_DIR, PREFIX, Heartbeats
 
 LOG = logging.getLogger(__name__)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
     try:
-        return host, int(port)
-    except ValueError:
-        raise ValueError(f"[metrics] listen: expected host:port, got {value!r}") from None
+        return split_host_port(value)
+    except ValueError as exc:
+        raise ValueError(f"[metrics] listen: {exc}") from None
 
 
 class Health:

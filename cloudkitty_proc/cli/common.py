@@ -62,6 +62,7 @@ def validate_options() -> None:
                 raise ConfigError(f"{where}[{group or 'DEFAULT'}] {opt.dest}: "
                                   f"invalid value: {msg}") from None
     period = CONF.collect.period
+    bounds = {}
     for key in ("begin", "end"):
         value = CONF.collect[key]
         if not value:
@@ -73,6 +74,10 @@ def validate_options() -> None:
         if not utils.is_aligned(dt, period):
             raise ConfigError(f"{_location(key, 'collect')}[collect] {key}: {value} is not "
                               f"aligned to the period ({period} s)")
+        bounds[key] = dt
+    if len(bounds) == 2 and bounds["end"] < bounds["begin"]:
+        raise ConfigError(f"{_location('end', 'collect')}[collect] end: {CONF.collect.end} is "
+                          f"before [collect] begin ({CONF.collect.begin})")
 
 
 def validate_all(check_rating: bool = True) -> None:

@@ -80,3 +80,18 @@ def test_metrics_yml_unclear_errors_are_one_line(conf, tmp_path, body, needle):
     (tmp_path / "metrics.yml").write_bytes(body)
     line = _one_line_error(run("manage", conf, "check"))
     assert str(tmp_path / "metrics.yml") in line and needle in line
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "host:http"])
+@pytest.mark.parametrize("cmd,args", [("daemon", ("--oneshot",)), ("manage", ("check",))])
+def test_metrics_listen_must_be_host_and_port(conf, cmd, args, listen):
+    conf.write_text(conf.read_text() + f"\n[metrics]\nlisten = {listen}\n")
+    line = _one_line_error(run(cmd, conf, *args))
+    assert "[metrics] listen" in line and "port from 1 to 65535" in line
+
+
+@pytest.mark.parametrize("end", ["2025-12-31T23:00:00Z", "2025-12-31T00:00:00Z"])
+def test_end_before_begin_is_refused(conf, end):
+    conf.write_text(conf.read_text().replace("end = 2026-01-01T02:00:00Z", f"end = {end}"))
+    line = _one_line_error(run("manage", conf, "check"))
+    assert "[collect] end" in line and "is before [collect] begin" in line
