@@ -375,8 +375,9 @@ def call(conf: cfg.ConfigOpts, method: str, *, timeout: float | None = None,
         raise RemoteRequestError(mask_url(error.value or error.exc_type)) from None
     if isinstance(error, om.MessageDeliveryFailure):
         raise _no_server(conf, timeout, url, f": {mask_url(error)}") from None
-    if error is not None:
-        raise error
+    if error is not None:  # the broker refused us (credentials, vhost, TLS …)
+        raise NoServerError(f"the message broker at {mask_url(url)} failed: "
+                            f"{type(error).__name__}: {mask_url(error)}") from None
     return result
 
 

@@ -483,3 +483,20 @@ def test_cli_without_broker_or_transport(tmp_path):
         assert out.returncode == 1 and "unknown scope: ghost" in out.stderr
     finally:
         env.close()
+
+
+def test_wrong_broker_password_is_one_line_without_the_password(tmp_path, amqp_url):
+    """A broker refusing the login was a traceback (issue 15, unclear errors)."""
+    assert amqp_url.startswith("rabbit://guest:guest@")
+    env = Env(tmp_path, amqp_url.replace("guest:guest@", "guest:Wr0ng@pw@"))
+    try:
+        failed = env.manage("reprocess", "--scope", env.ds.scopes[0], "--begin", iso(1),
+                            "--end", iso(2), "--reason", "x", "--timeout", "5", check=False)
+        assert failed.returncode == 1
+        assert "Traceback" not in failed.stderr
+        [line] = [x for x in failed.stderr.splitlines() if x.strip()]
+        assert line.startswith("error: the message broker at rabbit://guest:***@127.0.0.1")
+        assert "ACCESS_REFUSED" in line and "Wr0ng" not in line
+        assert env.storage.list_tasks() == []  # nothing written behind the operator's back
+    finally:
+        env.close()
