@@ -59,7 +59,8 @@ import yaml
 from cloudkitty_proc import utils
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.log import mask_url
-from cloudkitty_proc.rating._hashmap_rules import DEFAULT_GROUP, RuleSet, parse_rules
+from cloudkitty_proc.rating.hashmap_engine import RuleSet, parse_rules
+from cloudkitty_proc.rating.hashmap_schema import DEFAULT_GROUP
 
 __all__ = ["ImportResult", "import_cloudkitty", "read_cloudkitty_rules", "render_rules"]
 
