@@ -1,5 +1,9 @@
 """The collector contract.
 
+:class:`Collector` says what a collector must provide and when each member
+is called; :class:`BaseCollector` is the convenient base to implement one
+(``fetch()`` to write; conversion, skipping and the I/O hooks done).
+
 A collector answers one question: for one metric definition, one scope and
 one period [begin, end), which series exist and what is their quantity?
 Plugins implement :meth:`BaseCollector.fetch`; the base class turns the raw
@@ -35,6 +39,7 @@ import datetime
 import decimal
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from oslo_config import cfg
 
@@ -50,7 +55,69 @@ RawSeries = tuple[Mapping[str, str], str]
 """(labels, raw value as the backend returned it, e.g. "12.5")."""
 
 
+class Collector(Protocol):
+    """What a collector provides (entry point namespace
+    ``cloudkitty_proc.collectors``).
+
+    Construction: ``cls(conf, metrics)`` with the global, registered
+    options and the loaded metrics.yml (already validated against the
+    class's ``extra_args_schema``); no network I/O. An invalid option
+    raises :class:`~cloudkitty_proc.exceptions.ConfigError` (or ValueError,
+    TypeError, OSError, turned into a ConfigError naming ``[collect]
+    collector``). Built by each worker on its run thread at start (an error
+    exits the worker process, status 2) and again on every reload (an error
+    keeps the collector in force), and by ``cloudkitty-proc-manage check``.
+
+    Optional members, looked up with ``getattr``:
+
+    ``extra_args_schema``
+        class attribute, a voluptuous schema (dict) of the ``extra_args``
+        the collector accepts in metrics.yml; read by the master and the
+        worker before construction; None or absent accepts anything.
+    ``set_io_hooks(begin, done)``
+        called on the run thread right after construction, before any
+        :meth:`retrieve`, with the collect executor's hooks. Inside
+        ``retrieve()`` the collector calls ``begin()`` before each network
+        exchange and ``done()`` once its reply is read, before parsing it,
+        so the executor can send the next query meanwhile (executor.py).
+        :class:`BaseCollector` provides it.
+    ``check()``
+        ``cloudkitty-proc-manage check`` calls it once: one request to see
+        that the backend answers; CollectError is printed as the error.
+    """
+
+    #: The metric definitions it was built with: the worker collects each
+    #: of them for every period (read on the run thread).
+    metrics: MetricsConf
+
+    def retrieve(self, metric: MetricDef, scope_id: str,
+                 begin: datetime.datetime, end: datetime.datetime) -> list[DataPoint]:
+        """The datapoints of ``metric`` for ``scope_id`` in [begin, end),
+        priced 0, after the skip expression.
+
+        Called in the collect executor (green threads of the run thread's
+        hub, or pool threads with ``collect_executor = threads``), for
+        several metrics and periods at once: it must be safe to call
+        concurrently and its I/O must suit the executor (module docstring).
+        An empty list is "no data": the period is committed empty. Raise
+        CollectError when the answer is not complete: the period is not
+        committed, the error is logged and recorded on the scope's state
+        (its ``kind`` counted), the state does not move and the period is
+        retried on a later pass. Any other exception is treated the same,
+        logged with its traceback as a collector bug.
+        """
+
+    def close(self) -> None:
+        """Release connections. Called on the run thread, with no
+        :meth:`retrieve` running, when the worker stops (an exception is
+        ignored) or when a reload has replaced this collector (it must not
+        raise); the instance is not used again."""
+
+
 class BaseCollector(abc.ABC):
+    """Implementation base of :class:`Collector`: subclasses implement
+    :meth:`fetch`; :meth:`retrieve` turns its series into DataPoints."""
+
     #: voluptuous schema (a dict) of the ``extra_args`` this collector
     #: accepts in metrics.yml; None accepts anything.
     extra_args_schema: dict | None = None

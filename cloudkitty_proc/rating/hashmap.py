@@ -3,8 +3,10 @@
 The rules file is ``[hashmap] rules_file`` (format and semantics:
 CONTRACTS.md §4, doc/source/rating.rst). It is read and compiled when the
 processor is built and again on :meth:`HashMapProcessor.reload`; rating a
-frame does no I/O. The engine lives in
-:mod:`cloudkitty_proc.rating._hashmap_rules`.
+frame does no I/O. The file is read and validated by
+:mod:`cloudkitty_proc.rating.hashmap_schema`, compiled and priced by
+:mod:`cloudkitty_proc.rating.hashmap_engine`; this module re-exports their
+public names (``load_rules``, ``price_point``, ``RuleSet``, ...).
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from oslo_config import cfg
 
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import ConfigError
-from cloudkitty_proc.rating._hashmap_rules import (  # noqa: F401  (re-exports)
-    DEFAULT_GROUP,
+from cloudkitty_proc.rating.base import BaseRatingProcessor
+from cloudkitty_proc.rating.hashmap_engine import (  # noqa: F401  (re-exports)
     RuleSet,
     load_rules,
     price_point,
     to_utc,
 )
-from cloudkitty_proc.rating.base import BaseRatingProcessor
+from cloudkitty_proc.rating.hashmap_schema import DEFAULT_GROUP  # noqa: F401
 
 hashmap_opts = [
     cfg.StrOpt(

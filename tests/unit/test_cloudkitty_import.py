@@ -19,7 +19,7 @@ import yaml
 
 from cloudkitty_proc.dataframe import DataPoint
 from cloudkitty_proc.exceptions import ConfigError
-from cloudkitty_proc.rating._hashmap_rules import load_rules, price_point
+from cloudkitty_proc.rating.hashmap_engine import load_rules, price_point
 from cloudkitty_proc.rating.cloudkitty_import import import_cloudkitty
 
 JAN = "2026-01-15T10:00:00Z"

@@ -59,50 +59,195 @@ def load_error(tmp_path, text) -> str:
 # Validation
 # --------------------------------------------------------------------------
 
-def test_unknown_key_in_field_mapping(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              fields:
-                flavor_name:
+# Each case: a rules file and the texts its ConfigError must contain (the
+# message also names the file: load_error checks it).
+INVALID_RULES = [
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  fields:
+                    flavor_name:
+                      mappings:
+                        - {value: m1.tiny, cost: "1"}
+                        - {value: m1.small, cost: "2", colour: red}
+        """, (
+        "service 'instance'",
+        "field 'flavor_name'",
+        "mappings[1]",
+        "unknown key 'colour'",
+    ), id="unknown_key_in_field_mapping"),
+    pytest.param("""
+            extra: 1
+            hashmap:
+              services:
+                instance:
+                  mapings: []
+                  fields:
+                    size:
+                      treshold: []
+        """, (
+        "unknown top-level key 'extra'",
+        "service 'instance': unknown key 'mapings'",
+        "service 'instance', field 'size': unknown key 'treshold'",
+    ), id="unknown_keys_at_every_level"),
+    pytest.param("""
+            hashmap:
+              services:
+                volume.size:
                   mappings:
-                    - {value: m1.tiny, cost: "1"}
-                    - {value: m1.small, cost: "2", colour: red}
-    """)
-    assert "service 'instance'" in msg
-    assert "field 'flavor_name'" in msg
-    assert "mappings[1]" in msg
-    assert "unknown key 'colour'" in msg
+                    - {cost: "1", type: flat}
+                    - {cost: "2", type: percent, group: other}
+        """, (
+        "service 'volume.size', mappings[1]",
+        "unknown type 'percent'",
+    ), id="unknown_type"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  fields:
+                    size:
+                      thresholds:
+                        - {level: "ten", cost: "1"}
+                        - {level: "-2", cost: "1", group: g}
+        """, (
+        "field 'size', thresholds[0]: 'level' is not a decimal",
+        "field 'size', thresholds[1]: 'level' must be >= 0",
+    ), id="bad_decimal_level_and_negative_level"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  mappings:
+                    - {type: flat}
+        """, (
+        "service 'instance', mappings[0]: 'cost' is missing",
+    ), id="missing_cost"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  thresholds:
+                    - {level: "1", cost: "1"}
+                    - {cost: "1", group: other}
+        """, (
+        "service 'instance', thresholds[1]: 'level' is missing",
+    ), id="level_missing_on_threshold"),
+    pytest.param("""
+            hashmap:
+              services:
+                image.size:
+                  fields:
+                    disk_format:
+                      mappings:
+                        - {cost: "1"}
+        """, (
+        "service 'image.size', field 'disk_format', mappings[0]",
+        "'value' is missing",
+    ), id="value_missing_on_field_mapping"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  fields:
+                    vcpus:
+                      mappings:
+                        - {value: 2, cost: "1"}
+        """, (
+        "field 'vcpus', mappings[0]: 'value' must be a string",
+    ), id="value_must_be_a_string"),
+    pytest.param("""
+            hashmap:
+              services:
+                ip.floating:
+                  mappings:
+                    - {value: active, cost: "1"}
+        """, (
+        "service 'ip.floating', mappings[0]",
+        "'value' given on a service mapping",
+    ), id="value_given_on_service_mapping"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  mappings:
+                    - {cost: "1", start: "2026-01-02T00:00:00Z", end: "2026-01-01T00:00:00Z"}
+                    - {cost: "1", group: g, start: "2026-01-02T00:00:00Z", end: "2026-01-02T00:00:00Z"}
+        """, (
+        "service 'instance', mappings[0]: 'end'",
+        "service 'instance', mappings[1]: 'end'",
+        "must be after 'start'",
+    ), id="end_before_or_at_start"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  fields:
+                    flavor_name:
+                      mappings:
+                        - {value: a, cost: "1", start: "yesterday"}
+                        - {value: b, cost: "1", end: 12}
+        """, (
+        "field 'flavor_name', mappings[0]: 'start' is not an ISO 8601 time",
+        "field 'flavor_name', mappings[1]: 'end' is not an ISO 8601 time",
+    ), id="bad_timestamps"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  mappings:
+                    - {cost: "1", group: compute}
+                    - {cost: "2", group: other}
+                    - {cost: "3", group: compute, start: "2026-01-01T00:00:00Z"}
+        """, (
+        "service 'instance', mappings[2]: duplicate of mappings[0]",
+        "group 'compute'",
+        "global",
+    ), id="duplicate_global_service_mapping"),
+    pytest.param("""
+            hashmap:
+              services:
+                instance:
+                  fields:
+                    flavor_name:
+                      mappings:
+                        - {value: m1.tiny, cost: "1", scope: p1, end: "2026-01-02T00:00:00Z"}
+                        - {value: m1.tiny, cost: "2", scope: p1, start: "2026-01-01T12:00:00Z"}
+        """, (
+        "field 'flavor_name', mappings[1]: duplicate of mappings[0]",
+        "scope 'p1'",
+    ), id="duplicate_same_scope_field_mapping_overlapping"),
+    pytest.param("""
+            hashmap:
+              services:
+                volume.size:
+                  thresholds:
+                    - {level: "10", cost: "1"}
+                    - {level: 10.0, cost: "2"}
+        """, (
+        "service 'volume.size', thresholds[1]: duplicate of thresholds[0]",
+    ), id="duplicate_threshold_level_compared_as_decimal"),
+    pytest.param("""
+            hashmap:
+              services:
+                a:
+                  mappings: [{cost: x}]
+                b:
+                  thresholds: [{cost: "1"}]
+        """, (
+        "2 problems",
+        "service 'a', mappings[0]",
+        "service 'b', thresholds[0]",
+    ), id="every_problem_is_reported"),
+]
 
 
-def test_unknown_keys_at_every_level(tmp_path):
-    msg = load_error(tmp_path, """
-        extra: 1
-        hashmap:
-          services:
-            instance:
-              mapings: []
-              fields:
-                size:
-                  treshold: []
-    """)
-    assert "unknown top-level key 'extra'" in msg
-    assert "service 'instance': unknown key 'mapings'" in msg
-    assert "service 'instance', field 'size': unknown key 'treshold'" in msg
-
-
-def test_unknown_type(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            volume.size:
-              mappings:
-                - {cost: "1", type: flat}
-                - {cost: "2", type: percent, group: other}
-    """)
-    assert "service 'volume.size', mappings[1]" in msg
-    assert "unknown type 'percent'" in msg
+@pytest.mark.parametrize("text, expected", INVALID_RULES)
+def test_invalid_rules_are_reported(tmp_path, text, expected):
+    msg = load_error(tmp_path, text)
+    for part in expected:
+        assert part in msg, (part, msg)
 
 
 @pytest.mark.parametrize("cost", ['"abc"', '"NaN"', '"Infinity"', "true", "[1]"])
@@ -116,153 +261,6 @@ def test_bad_decimal_cost(tmp_path, cost):
     """)
     assert "service 'instance', thresholds[0]" in msg
     assert "'cost' is not a decimal" in msg
-
-
-def test_bad_decimal_level_and_negative_level(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              fields:
-                size:
-                  thresholds:
-                    - {level: "ten", cost: "1"}
-                    - {level: "-2", cost: "1", group: g}
-    """)
-    assert "field 'size', thresholds[0]: 'level' is not a decimal" in msg
-    assert "field 'size', thresholds[1]: 'level' must be >= 0" in msg
-
-
-def test_missing_cost(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              mappings:
-                - {type: flat}
-    """)
-    assert "service 'instance', mappings[0]: 'cost' is missing" in msg
-
-
-def test_level_missing_on_threshold(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              thresholds:
-                - {level: "1", cost: "1"}
-                - {cost: "1", group: other}
-    """)
-    assert "service 'instance', thresholds[1]: 'level' is missing" in msg
-
-
-def test_value_missing_on_field_mapping(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            image.size:
-              fields:
-                disk_format:
-                  mappings:
-                    - {cost: "1"}
-    """)
-    assert "service 'image.size', field 'disk_format', mappings[0]" in msg
-    assert "'value' is missing" in msg
-
-
-def test_value_must_be_a_string(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              fields:
-                vcpus:
-                  mappings:
-                    - {value: 2, cost: "1"}
-    """)
-    assert "field 'vcpus', mappings[0]: 'value' must be a string" in msg
-
-
-def test_value_given_on_service_mapping(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            ip.floating:
-              mappings:
-                - {value: active, cost: "1"}
-    """)
-    assert "service 'ip.floating', mappings[0]" in msg
-    assert "'value' given on a service mapping" in msg
-
-
-def test_end_before_or_at_start(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              mappings:
-                - {cost: "1", start: "2026-01-02T00:00:00Z", end: "2026-01-01T00:00:00Z"}
-                - {cost: "1", group: g, start: "2026-01-02T00:00:00Z", end: "2026-01-02T00:00:00Z"}
-    """)
-    assert "service 'instance', mappings[0]: 'end'" in msg
-    assert "service 'instance', mappings[1]: 'end'" in msg
-    assert "must be after 'start'" in msg
-
-
-def test_bad_timestamps(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              fields:
-                flavor_name:
-                  mappings:
-                    - {value: a, cost: "1", start: "yesterday"}
-                    - {value: b, cost: "1", end: 12}
-    """)
-    assert "field 'flavor_name', mappings[0]: 'start' is not an ISO 8601 time" in msg
-    assert "field 'flavor_name', mappings[1]: 'end' is not an ISO 8601 time" in msg
-
-
-def test_duplicate_global_service_mapping(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              mappings:
-                - {cost: "1", group: compute}
-                - {cost: "2", group: other}
-                - {cost: "3", group: compute, start: "2026-01-01T00:00:00Z"}
-    """)
-    assert "service 'instance', mappings[2]: duplicate of mappings[0]" in msg
-    assert "group 'compute'" in msg and "global" in msg
-
-
-def test_duplicate_same_scope_field_mapping_overlapping(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            instance:
-              fields:
-                flavor_name:
-                  mappings:
-                    - {value: m1.tiny, cost: "1", scope: p1, end: "2026-01-02T00:00:00Z"}
-                    - {value: m1.tiny, cost: "2", scope: p1, start: "2026-01-01T12:00:00Z"}
-    """)
-    assert "field 'flavor_name', mappings[1]: duplicate of mappings[0]" in msg
-    assert "scope 'p1'" in msg
-
-
-def test_duplicate_threshold_level_compared_as_decimal(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            volume.size:
-              thresholds:
-                - {level: "10", cost: "1"}
-                - {level: 10.0, cost: "2"}
-    """)
-    assert "service 'volume.size', thresholds[1]: duplicate of thresholds[0]" in msg
 
 
 def test_same_key_allowed_when_disjoint_or_different_origin(tmp_path):
@@ -308,19 +306,6 @@ def test_missing_file(tmp_path):
     path = tmp_path / "nope.yml"
     with pytest.raises(ConfigError, match="nope.yml: cannot read rating rules"):
         load_rules(path)
-
-
-def test_every_problem_is_reported(tmp_path):
-    msg = load_error(tmp_path, """
-        hashmap:
-          services:
-            a:
-              mappings: [{cost: x}]
-            b:
-              thresholds: [{cost: "1"}]
-    """)
-    assert "2 problems" in msg
-    assert "service 'a', mappings[0]" in msg and "service 'b', thresholds[0]" in msg
 
 
 def test_check_raises_config_error(tmp_path):
