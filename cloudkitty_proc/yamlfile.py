@@ -43,15 +43,17 @@ class _Loader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)
             seen: dict[Any, int] = {}
-            for key_node, _value in node.value:
+            for key_node, _value in node.value:  # as written: before merge keys
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` may be overridden by the keys written here
                 key = self.construct_object(key_node, deep=True)
                 try:
-                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    first = seen.get(key)
+                    seen[key] = key_node.start_mark.line + 1
                 except TypeError:  # an unhashable key: SafeLoader refuses it below
                     continue
-                if first != key_node.start_mark.line + 1:
+                if first is not None:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {excerpt(key)} written twice (first on line {first})",
                         key_node.start_mark)
@@ -81,9 +83,9 @@ def _expanded_size(root: yaml.Node) -> int:
     return sizes[id(root)]
 
 
-def _where(path: str, exc: yaml.YAMLError) -> str:
+def _where(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    return f"{path}: line {mark.line + 1}" if mark is not None else f"{path}:"
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
 
 
 def loads(text: str | bytes, path: str) -> Any:
@@ -107,7 +109,7 @@ def loads(text: str | bytes, path: str) -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{_where(path, exc)} invalid YAML: {problem}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_where(exc)}{problem}") from None
     finally:
         loader.dispose()
 
@@ -120,8 +122,10 @@ def load(path: str | os.PathLike, *, what: str = "file", hint: str = "") -> Any:
     try:
         with open(path, "rb") as fh:
             data = fh.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found{f' ({hint})' if hint else ''}") from None
+    except FileNotFoundError as exc:
+        if hint:
+            raise ConfigError(f"{path}: {what} not found ({hint})") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: {what} is a directory") from None
     except OSError as exc:

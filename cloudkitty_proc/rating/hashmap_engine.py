@@ -63,8 +63,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from cloudkitty_proc.dataframe import DataPoint
-from cloudkitty_proc.rating.hashmap_schema import (
-    RATE, Rule, read_rules_document, rule_time, validate_rules)
+from cloudkitty_proc.rating.hashmap_schema import RATE, Rule, read_rules_document, validate_rules
+from cloudkitty_proc.rating.hashmap_values import field_number, to_utc
 
 __all__ = ["Plan", "RuleSet", "ServiceRules", "load_rules", "parse_rules",
            "price_point", "to_utc"]
@@ -81,20 +81,6 @@ _new_point = tuple.__new__
 # Python's default decimal context, as CloudKitty's, whatever context the
 # calling thread has set.
 _CONTEXT = decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)
-
-
-def to_utc(when: datetime.datetime | str) -> datetime.datetime:
-    """A period start as an aware UTC datetime (naive or no offset: UTC)."""
-    if isinstance(when, str):
-        parsed = rule_time(when)
-        if parsed is None:
-            raise ValueError(f"not an ISO 8601 time: {when!r}")
-        return parsed
-    if when.tzinfo is None:
-        return when.replace(tzinfo=_UTC)
-    if when.tzinfo is _UTC:
-        return when
-    return when.astimezone(_UTC)
 
 
 def parse_rules(data: Any, path: str = "<rules>") -> RuleSet:
@@ -214,7 +200,7 @@ class Plan:
                             flat[g] = cost
             thresholds = self._field_thr[i]
             if thresholds:
-                number = _field_number(value)
+                number = field_number(value)
                 if number is None:
                     continue
                 for g, levels in thresholds:
@@ -355,17 +341,6 @@ class Plan:
                 price = price + r
             append(_new_point(DataPoint, (unit, qty, price, groupby, metadata)))
         return out
-
-
-def _field_number(value: Any) -> decimal.Decimal | None:
-    """Decimal(field value) for a field threshold; None if not a number."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = value if isinstance(value, _D) else _D(value)
-    except (decimal.InvalidOperation, TypeError, ValueError):
-        return None
-    return None if number.is_nan() else number
 
 
 class ServiceRules:

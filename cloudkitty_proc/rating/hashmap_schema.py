@@ -35,9 +35,11 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import yaml
-
+from cloudkitty_proc import yamlfile
 from cloudkitty_proc.exceptions import ConfigError
+from cloudkitty_proc.rating.hashmap_values import (MAX_COST, MAX_LEVEL, MIN_COST, parse_decimal,
+                                                   range_error, rule_time)
+from cloudkitty_proc.yamlfile import excerpt
 
 __all__ = ["DEFAULT_GROUP", "FLAT", "RATE", "Rule", "ServiceSpec",
            "read_rules_document", "rule_time", "validate_rules"]
@@ -97,9 +99,9 @@ class Rule(NamedTuple):
 
 def _where(service: str, field: str | None = None, kind: str | None = None,
            index: int | None = None) -> str:
-    out = f"service {service!r}"
+    out = f"service {excerpt(service)}"
     if field is not None:
-        out += f", field {field!r}"
+        out += f", field {excerpt(field)}"
     if kind is not None:
         out += f", {kind}"
         if index is not None:
@@ -109,10 +111,10 @@ def _where(service: str, field: str | None = None, kind: str | None = None,
 
 def _describe_key(rule: Rule) -> str:
     if rule.kind == "thresholds":
-        return f"group {rule.group!r}, level {rule.level}"
+        return f"group {excerpt(rule.group)}, level {rule.level}"
     if rule.field is None:
-        return f"group {rule.group!r}"
-    return f"group {rule.group!r}, value {rule.value!r}"
+        return f"group {excerpt(rule.group)}"
+    return f"group {excerpt(rule.group)}, value {excerpt(rule.value)}"
 
 
 def _describe_window(rule: Rule) -> str:
@@ -144,40 +146,6 @@ class _Errors:
             if more:
                 msg += f"; … and {more} more"
         raise ConfigError(msg)
-
-
-def _parse_decimal(raw: Any) -> decimal.Decimal | None:
-    """Decimal from a YAML string or number; None if not a finite decimal."""
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, float):
-        raw = repr(raw)
-    if isinstance(raw, (int, str)):
-        try:
-            value = _D(raw.strip() if isinstance(raw, str) else raw)
-        except (decimal.InvalidOperation, ValueError):
-            return None
-        return value if value.is_finite() else None
-    return None
-
-
-def rule_time(raw: Any) -> datetime.datetime | None:
-    """Aware UTC datetime from ISO 8601 text or a YAML timestamp/date
-    (naive: UTC); None if ``raw`` is not a time."""
-    if isinstance(raw, datetime.datetime):
-        value = raw
-    elif isinstance(raw, datetime.date):
-        value = datetime.datetime(raw.year, raw.month, raw.day)
-    elif isinstance(raw, str):
-        try:
-            value = datetime.datetime.fromisoformat(raw.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=_UTC)
-    return value.astimezone(_UTC)
 
 
 def _as_list(raw: Any, where: str, errors: _Errors) -> list:
@@ -214,7 +182,7 @@ def _parse_rule(raw: Any, service: str, field: str | None, kind: str,
             errors.add(where, "'level' given on a mapping (levels belong to "
                        "thresholds)")
         else:
-            errors.add(where, f"unknown key {key!r} (allowed: "
+            errors.add(where, f"unknown key {excerpt(key)} (allowed: "
                        f"{', '.join(sorted(allowed))})")
 
     # cost
@@ -223,28 +191,31 @@ def _parse_rule(raw: Any, service: str, field: str | None, kind: str,
         errors.add(where, "'cost' is missing")
         ok = False
     else:
-        cost = _parse_decimal(raw["cost"])
+        cost = parse_decimal(raw["cost"])
         if cost is None:
-            errors.add(where, f"'cost' is not a decimal: {raw['cost']!r}")
+            errors.add(where, f"'cost' is not a decimal: {excerpt(raw['cost'])}")
+            ok = False
+        elif (problem := range_error(cost, MIN_COST, MAX_COST)) is not None:
+            errors.add(where, f"'cost' {excerpt(raw['cost'])} is {problem}")
             ok = False
 
     # type
     rtype = raw.get("type", FLAT)
     if rtype not in TYPES:
-        errors.add(where, f"unknown type {rtype!r} (flat or rate)")
+        errors.add(where, f"unknown type {excerpt(rtype)} (flat or rate)")
         ok = False
 
     # group
     group = raw.get("group", DEFAULT_GROUP)
     if not isinstance(group, str) or not group:
-        errors.add(where, f"'group' must be a non-empty string, got {group!r}")
+        errors.add(where, f"'group' must be a non-empty string, got {excerpt(group)}")
         ok = False
 
     # scope
     scope = raw.get("scope")
     if "scope" in raw and (not isinstance(scope, str) or not scope):
         errors.add(where, f"'scope' must be a non-empty string (quote "
-                   f"numeric ids), got {scope!r}")
+                   f"numeric ids), got {excerpt(scope)}")
         ok = False
 
     # value (field mappings)
@@ -258,7 +229,7 @@ def _parse_rule(raw: Any, service: str, field: str | None, kind: str,
             value = raw["value"]
             if not isinstance(value, str):
                 errors.add(where, f"'value' must be a string (quote it), got "
-                           f"{value!r}")
+                           f"{excerpt(value)}")
                 ok = False
 
     # level (thresholds)
@@ -269,12 +240,15 @@ def _parse_rule(raw: Any, service: str, field: str | None, kind: str,
                        "its level up)")
             ok = False
         else:
-            level = _parse_decimal(raw["level"])
+            level = parse_decimal(raw["level"])
             if level is None:
-                errors.add(where, f"'level' is not a decimal: {raw['level']!r}")
+                errors.add(where, f"'level' is not a decimal: {excerpt(raw['level'])}")
+                ok = False
+            elif (problem := range_error(level, _D(0), MAX_LEVEL)) is not None:
+                errors.add(where, f"'level' {excerpt(raw['level'])} is {problem}")
                 ok = False
             elif level < 0:
-                errors.add(where, f"'level' must be >= 0, got {raw['level']!r}")
+                errors.add(where, f"'level' must be >= 0, got {excerpt(raw['level'])}")
                 ok = False
 
     # validity
@@ -285,8 +259,8 @@ def _parse_rule(raw: Any, service: str, field: str | None, kind: str,
             continue
         parsed = rule_time(raw[name])
         if parsed is None:
-            errors.add(where, f"{name!r} is not an ISO 8601 time: "
-                       f"{raw[name]!r}")
+            errors.add(where, f"{excerpt(name)} is not an ISO 8601 time: "
+                       f"{excerpt(raw[name])}")
             ok = False
         bounds[name] = parsed
     start, end = bounds["start"], bounds["end"]
@@ -315,7 +289,7 @@ def _check_duplicates(rules: list[Rule], errors: _Errors) -> None:
         for i, later in enumerate(same):
             for earlier in same[:i]:
                 if _overlap(earlier, later):
-                    origin = f"scope {scope!r}" if scope else "global"
+                    origin = f"scope {excerpt(scope)}" if scope else "global"
                     errors.add(later.where, (
                         f"duplicate of {earlier.kind}[{earlier.index}] "
                         f"({_describe_key(later)}, {origin}) with overlapping "
@@ -338,7 +312,7 @@ def _parse_service(name: str, raw: Any, errors: _Errors
         return rules, fields
     for key in raw:
         if key not in _SERVICE_KEYS:
-            errors.add(where, f"unknown key {key!r} (allowed: "
+            errors.add(where, f"unknown key {excerpt(key)} (allowed: "
                        f"{', '.join(_SERVICE_KEYS)})")
     for kind in ("mappings", "thresholds"):
         items = _as_list(raw.get(kind), _where(name, None, kind), errors)
@@ -356,7 +330,7 @@ def _parse_service(name: str, raw: Any, errors: _Errors
     for fname, fraw in raw_fields.items():
         if not isinstance(fname, str) or not fname:
             errors.add(where + ", fields", f"field name must be a non-empty "
-                       f"string, got {fname!r}")
+                       f"string, got {excerpt(fname)}")
             continue
         fwhere = _where(name, fname)
         fields.append(fname)
@@ -368,7 +342,7 @@ def _parse_service(name: str, raw: Any, errors: _Errors
             continue
         for key in fraw:
             if key not in _FIELD_KEYS:
-                errors.add(fwhere, f"unknown key {key!r} (allowed: "
+                errors.add(fwhere, f"unknown key {excerpt(key)} (allowed: "
                            f"{', '.join(_FIELD_KEYS)})")
         for kind in _FIELD_KEYS:
             items = _as_list(fraw.get(kind), _where(name, fname, kind), errors)
@@ -403,7 +377,7 @@ def validate_rules(data: Any, path: str = "<rules>") -> dict[str, ServiceSpec]:
         errors.raise_if_any()
     for key in data:
         if key != "hashmap":
-            errors.add("", f"unknown top-level key {key!r} (allowed: hashmap)")
+            errors.add("", f"unknown top-level key {excerpt(key)} (allowed: hashmap)")
     hashmap = data.get("hashmap")
     if not isinstance(hashmap, Mapping):
         errors.add("hashmap", "'hashmap' is missing or not a mapping "
@@ -411,7 +385,7 @@ def validate_rules(data: Any, path: str = "<rules>") -> dict[str, ServiceSpec]:
         errors.raise_if_any()
     for key in hashmap:
         if key != "services":
-            errors.add("hashmap", f"unknown key {key!r} (allowed: services)")
+            errors.add("hashmap", f"unknown key {excerpt(key)} (allowed: services)")
     services = hashmap.get("services")
     if not isinstance(services, Mapping) or not services:
         errors.add("hashmap.services", "must be a non-empty mapping of usage "
@@ -421,7 +395,7 @@ def validate_rules(data: Any, path: str = "<rules>") -> dict[str, ServiceSpec]:
     for name, raw in services.items():
         if not isinstance(name, str) or not name:
             errors.add("hashmap.services", f"service name must be a non-empty "
-                       f"string, got {name!r}")
+                       f"string, got {excerpt(name)}")
             continue
         parsed[name] = ServiceSpec(*_parse_service(name, raw, errors))
     errors.raise_if_any()
@@ -430,19 +404,5 @@ def validate_rules(data: Any, path: str = "<rules>") -> dict[str, ServiceSpec]:
 
 def read_rules_document(path: str | os.PathLike) -> Any:
     """The parsed YAML of a rules file (not validated); ConfigError if the
-    file cannot be read or is not YAML."""
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read rating rules: "
-                          f"{exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: invalid YAML: {where}{problem}") from None
-    return data
+    file cannot be read, is not UTF-8 or not acceptable YAML (yamlfile)."""
+    return yamlfile.load(path, what="rating rules")

@@ -162,7 +162,7 @@ def test_file_errors(tmp_path):
         load_metrics_conf(str(tmp_path / "nope.yml"))
     bad = tmp_path / "bad.yml"
     bad.write_text("metrics:\n  cpu: [unit: x\n")
-    with pytest.raises(ConfigError, match=r"bad.yml: line \d+ invalid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yml: invalid YAML: line \d+"):
         load_metrics_conf(str(bad))
     empty = tmp_path / "empty.yml"
     empty.write_text("")

@@ -36,8 +36,8 @@ def test_duplicate_key_is_refused_with_both_lines(tmp_path):
                            "  cpu:\n    unit: vcpu\n")
     with pytest.raises(ConfigError) as err:
         metrics_conf.load_metrics_conf(path)
-    assert str(err.value) == (f"{path}: line 6 invalid YAML: key 'cpu' written twice "
-                              "(first on line 2)")
+    assert str(err.value) == (f"{path}: invalid YAML: line 6, column 3: key 'cpu' written "
+                              "twice (first on line 2)")
 
 
 def test_same_key_in_different_mappings_is_fine(tmp_path):
@@ -51,6 +51,11 @@ def test_merge_keys_still_work(tmp_path):
     assert yamlfile.load(path) == {"base": {"unit": "u"}}
     assert yamlfile.loads("x: &x {a: 1}\ny:\n  <<: *x\n  b: 2\n", "f") == {
         "x": {"a": 1}, "y": {"a": 1, "b": 2}}
+    # a key written next to a merge key overrides the merged one: no duplicate
+    assert yamlfile.loads("x: &x {a: 1, b: 1}\ny: {<<: *x, a: 2}\n", "f") == {
+        "x": {"a": 1, "b": 1}, "y": {"a": 2, "b": 1}}
+    with pytest.raises(ConfigError, match="key 'a' written twice"):
+        yamlfile.loads("x: &x {a: 1}\ny: {<<: *x, a: 2, a: 3}\n", "f")
 
 
 @pytest.mark.timeout(60)
