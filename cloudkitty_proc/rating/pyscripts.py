@@ -47,6 +47,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import stat
 import types
 from collections.abc import Callable
 from typing import NamedTuple
@@ -107,8 +108,24 @@ def script_paths(conf: cfg.ConfigOpts) -> list[str]:
                       "scripts_dir (a directory of *.py files)")
 
 
+def refuse_writable_by_others(path: str) -> None:
+    """ConfigError when the script ``path`` or its directory is writable by
+    other users: anyone who can change (or, in the directory, add or
+    replace) a script runs code with the daemon's privileges."""
+    for what, target in (("pyscript", path), ("pyscript directory", os.path.dirname(path))):
+        try:
+            mode = os.stat(target).st_mode
+        except OSError:
+            continue  # a missing file is reported when it is read
+        if mode & stat.S_IWOTH:
+            raise ConfigError(f"{what} {target}: writable by other users (mode "
+                              f"{stat.S_IMODE(mode):04o}); a pyscript runs with the "
+                              f"daemon's privileges: chmod o-w {target}")
+
+
 def load_script(path: str) -> Script:
     """Compile and run one script file; ConfigError naming it on failure."""
+    refuse_writable_by_others(path)
     try:
         with open(path, "rb") as fh:
             source = fh.read()

@@ -201,3 +201,22 @@ def test_check_loads_the_scripts(tmp_path):
     write(script, "x = 1\n")
     with pytest.raises(ConfigError):
         proc.check()
+
+
+@pytest.mark.parametrize("target", ["file", "directory"])
+def test_scripts_writable_by_others_are_refused(tmp_path, target):
+    """Anyone able to change a script, or drop one into scripts_dir, would
+    run code as the daemon (issue 15 item 13); refused whatever the umask."""
+    directory = tmp_path / "scripts"
+    directory.mkdir(mode=0o755)
+    script = write(directory / "discount.py", DISCOUNT)
+    (script if target == "file" else directory).chmod(0o777 if target == "directory" else 0o666)
+    for conf in (make_conf(scripts=[str(script)]), make_conf(scripts_dir=directory)):
+        with pytest.raises(ConfigError) as err:
+            PyScriptsProcessor(conf)
+        where = str(script) if target == "file" else str(directory)
+        assert f"{where}: writable by other users" in str(err.value)
+        assert f"chmod o-w {where}" in str(err.value)
+    (script if target == "file" else directory).chmod(0o644 if target == "file" else 0o755)
+    assert prices(PyScriptsProcessor(make_conf(scripts=[str(script)])).process(frame("10"))) \
+        == [D("9.0")]
