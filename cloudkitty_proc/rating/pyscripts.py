@@ -40,21 +40,26 @@ for every frame, scripts in order. :meth:`PyScriptsProcessor.reload`
 re-reads every script and keeps the scripts in force if any of them fails
 to load. An exception raised by a script fails the rating of that period
 (retried later), like any rating error.
+
+``[pyscripts] contract = cloudkitty`` runs scripts written for CloudKitty
+instead (no ``process`` function called; the script reads and sets a
+global ``data`` dict): see :class:`CloudKittyScript`.
 """
 
 from __future__ import annotations
 
+import decimal
 import glob
 import logging
 import os
 import stat
 import types
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from oslo_config import cfg
 
-from cloudkitty_proc.dataframe import DataFrame
+from cloudkitty_proc.dataframe import DataFrame, DataPoint
 from cloudkitty_proc.exceptions import ConfigError, RatingError
 from cloudkitty_proc.rating.base import BaseRatingProcessor
 
@@ -69,6 +74,16 @@ pyscripts_opts = [
         default=[],
         help="Script files run by the pyscripts processor, in this order "
         "(takes precedence over scripts_dir).",
+    ),
+    cfg.StrOpt(
+        "contract",
+        default="process",
+        choices=[("process", "each script defines process(frame), called "
+                  "for every frame"),
+                 ("cloudkitty", "CloudKitty's scripts: the whole script runs "
+                  "for every frame with a global dict 'data' (CloudKitty's "
+                  "DataFrame.as_dict) that it reads and sets")],
+        help="How the scripts are written.",
     ),
 ]
 
@@ -123,8 +138,11 @@ def refuse_writable_by_others(path: str) -> None:
                               f"daemon's privileges: chmod o-w {target}")
 
 
-def load_script(path: str) -> Script:
-    """Compile and run one script file; ConfigError naming it on failure."""
+def load_script(path: str, contract: str = "process") -> Script:
+    """Compile and run one script file; ConfigError naming it on failure.
+
+    With the ``cloudkitty`` contract the script is only compiled here: it
+    runs whole for every frame (:class:`CloudKittyScript`)."""
     refuse_writable_by_others(path)
     try:
         with open(path, "rb") as fh:
@@ -139,6 +157,8 @@ def load_script(path: str) -> Script:
         msg = getattr(exc, "msg", None) or str(exc)
         raise ConfigError(f"pyscript {path}:{line}: syntax error: "
                           f"{msg}") from None
+    if contract == "cloudkitty":
+        return Script(path, CloudKittyScript(path, code))
     stem = os.path.splitext(os.path.basename(path))[0]
     module = types.ModuleType(f"cloudkitty_proc_pyscript_{stem}")
     module.__file__ = path
@@ -154,6 +174,63 @@ def load_script(path: str) -> Script:
     return Script(path, process)
 
 
+class CloudKittyScript:
+    """A script written for CloudKitty's pyscripts: run whole for every
+    frame, as CloudKitty does, in a fresh global namespace holding ``data``:
+    ``{"period": {"begin", "end"}, "usage": {type: [{"vol": {"unit",
+    "qty"}, "rating": {"price"}, "groupby": {...}, "metadata": {...}}]}}``.
+    The ``data`` it leaves is read back the way CloudKitty's
+    ``DataFrame.from_dict`` does (a price defaults to 0; numbers go through
+    ``str``); a malformed one fails the rating of the period, naming the
+    script and the point."""
+
+    def __init__(self, path: str, code: types.CodeType) -> None:
+        self.path = path
+        self.code = code
+
+    def __call__(self, frame: DataFrame) -> DataFrame:
+        data = {"period": {"begin": frame.begin, "end": frame.end},
+                "usage": {usage_type: [
+                    {"vol": {"unit": p.unit, "qty": p.qty}, "rating": {"price": p.price},
+                     "groupby": dict(p.groupby), "metadata": dict(p.metadata)}
+                    for p in points] for usage_type, points in frame.items()}}
+        namespace = {"data": data}
+        exec(self.code, namespace)  # noqa: S102 - trusted operator code, see the module docstring
+        return self._frame(namespace.get("data"), frame)
+
+    def _frame(self, data: Any, frame: DataFrame) -> DataFrame:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict):
+            raise ValueError("the script left no dict 'data' with a 'usage' mapping")
+        out = DataFrame(frame.scope_id, frame.begin, frame.end)
+        for usage_type, points in usage.items():
+            if not isinstance(usage_type, str) or not isinstance(points, list):
+                raise ValueError(f"usage[{usage_type!r}] is not a list of points")
+            out.add_points(usage_type, [self._point(raw, f"usage[{usage_type!r}][{n}]")
+                                        for n, raw in enumerate(points)])
+        return out
+
+    @staticmethod
+    def _point(raw: Any, where: str) -> DataPoint:
+        try:
+            vol = raw["vol"]
+            price = (raw.get("rating") or {}).get("price", 0)
+            point = DataPoint(str(vol["unit"]), _decimal(vol["qty"]), _decimal(price),
+                              dict(raw["groupby"]), dict(raw["metadata"]))
+        except (KeyError, TypeError, AttributeError, ValueError,
+                decimal.InvalidOperation) as exc:
+            raise ValueError(f"{where}: not a CloudKitty datapoint "
+                             f"({type(exc).__name__}: {exc})") from None
+        return point
+
+
+def _decimal(value: Any) -> decimal.Decimal:
+    number = decimal.Decimal(str(value))
+    if not number.is_finite():
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
+
+
 class PyScriptsProcessor(BaseRatingProcessor):
     """Runs the configured scripts on every frame, in order."""
 
@@ -166,7 +243,8 @@ class PyScriptsProcessor(BaseRatingProcessor):
                     len(self.scripts), ", ".join(s.path for s in self.scripts))
 
     def _load(self) -> tuple[Script, ...]:
-        return tuple(load_script(path) for path in script_paths(self.conf))
+        contract = self.conf.pyscripts.contract
+        return tuple(load_script(path, contract) for path in script_paths(self.conf))
 
     def process(self, frame: DataFrame) -> DataFrame:
         for script in self.scripts:  # one tuple per frame: see reload()

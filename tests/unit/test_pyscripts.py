@@ -220,3 +220,100 @@ def test_scripts_writable_by_others_are_refused(tmp_path, target):
     (script if target == "file" else directory).chmod(0o644 if target == "file" else 0o755)
     assert prices(PyScriptsProcessor(make_conf(scripts=[str(script)])).process(frame("10"))) \
         == [D("9.0")]
+
+
+# CloudKitty's documented pyscript (doc/source/user/rating/pyscripts.rst of
+# CloudKitty 25.0.0), as an operator would carry it over.
+CLOUDKITTY_DOC_SCRIPT = '''
+import decimal
+
+
+flavors = {
+    'm1.micro': decimal.Decimal(0.65),
+    'm1.nano': decimal.Decimal(0.35),
+    'm1.large': decimal.Decimal(2.67)
+}
+
+image_mb_price = decimal.Decimal(0.002)
+volume_gb_price = decimal.Decimal(0.35)
+
+
+def get_instance_price(item):
+    if not item['metadata']['flavor_name'] in flavors:
+        return 0
+    else:
+        return (decimal.Decimal(item['vol']['qty'])
+               * flavors[item['metadata']['flavor_name']])
+
+def get_image_price(item):
+    if not item['vol']['qty']:
+        return 0
+    else:
+        return decimal.Decimal(item['vol']['qty']) * image_mb_price
+
+
+def get_volume_price(item):
+    if not item['vol']['qty']:
+        return 0
+    else:
+        return decimal.Decimal(item['vol']['qty']) * volume_gb_price
+
+services = {
+    'instance': get_instance_price,
+    'volume': get_volume_price,
+    'image': get_image_price
+}
+
+
+def process(data):
+    usage_data = data['usage']
+
+    for service_name, service_data in usage_data.items():
+        if service_name in services.keys():
+            for item in service_data:
+                item['rating'] = {'price': services[service_name](item)}
+    return data
+
+
+data = process(data)
+'''
+
+
+def _ck_frame() -> DataFrame:
+    begin = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    f = DataFrame("p1", begin, begin + datetime.timedelta(hours=1))
+    f.add_points("instance", [
+        DataPoint("instance", D("1"), D("0"), {"id": "vm1"}, {"flavor_name": "m1.nano"}),
+        DataPoint("instance", D("1"), D("0"), {"id": "vm2"}, {"flavor_name": "m1.huge"}),
+    ])
+    f.add_points("volume", [DataPoint("GiB", D("20"), D("0"), {"id": "v1"}, {})])
+    f.add_points("cpu.util", [DataPoint("%", D("3.5"), D("7"), {"id": "vm1"}, {})])
+    return f
+
+
+def test_cloudkitty_scripts_run_with_the_cloudkitty_contract(tmp_path):
+    script = write(tmp_path / "ck.py", CLOUDKITTY_DOC_SCRIPT)
+    # our own contract refuses it at load (no global data): a clear error
+    with pytest.raises(ConfigError, match=r"ck.py: failed while loading: NameError"):
+        PyScriptsProcessor(make_conf(scripts=[script]))
+    conf = make_conf(scripts=[script])
+    conf.set_override("contract", "cloudkitty", group="pyscripts")
+    out = PyScriptsProcessor(conf).process(_ck_frame())
+    # prices as CloudKitty computes them: Decimal(float) products, through str()
+    nano = D(str(D(1) * D(0.35)))
+    assert [(p.groupby["id"], p.price) for p in out.points("instance")] == [
+        ("vm1", nano), ("vm2", D(0))]
+    assert [p.price for p in out.points("volume")] == [D(str(D(20) * D(0.35)))]
+    assert [p.price for p in out.points("cpu.util")] == [D(7)]  # not in services: kept
+    assert out.scope_id == "p1" and out.types() == ["cpu.util", "instance", "volume"]
+    assert out.points("instance")[0].metadata == {"flavor_name": "m1.nano"}
+
+
+def test_cloudkitty_script_leaving_bad_data_fails_the_period(tmp_path):
+    script = write(tmp_path / "bad.py", "data['usage']['volume'][0]['vol'] = None\n")
+    conf = make_conf(scripts=[script])
+    conf.set_override("contract", "cloudkitty", group="pyscripts")
+    with pytest.raises(RatingError) as err:
+        PyScriptsProcessor(conf).process(_ck_frame())
+    assert "bad.py" in str(err.value) and "usage['volume'][0]: not a CloudKitty datapoint" \
+        in str(err.value)
