@@ -144,7 +144,8 @@ class Orchestrator(cotyledon.Service):
         """When [DEFAULT] transport_url is set: this worker's RPC server
         (messaging.py). Its handlers run on oslo.messaging's threads and
         reach this worker only through the wake and reload events."""
-        from cloudkitty_proc import messaging  # workers only: no eventlet in the master
+        # workers only: the master process loads neither oslo.messaging nor eventlet
+        from cloudkitty_proc import messaging
 
         try:
             self._rpc = messaging.start_server(
