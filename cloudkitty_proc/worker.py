@@ -8,7 +8,8 @@ wake event). One pass (``Worker.run_pass``)::
       ─► storage.get_states(scopes)               one query for the pass
       ─► for each scope, from this worker's offset in the list:
            safe point (a pending reload is applied here)
-           skip it unless due, active, and (--oneshot) not failed this run
+           skip it unless it is active, has due periods or reprocessing to
+               do, and (--oneshot) has not failed during this run
            process_scope(scope_id):
              leases.scope_lease (non-blocking; busy → left to its holder)
              storage.get_state(scope_id)          fresh, under the lease
@@ -19,10 +20,11 @@ wake event). One pass (``Worker.run_pass``)::
                  take the next scope ahead (lookahead.py)
            release the lease
 
-A scope taken ahead is continued by the main loop under the lease taken
-for it, with the state it read then; it is never one with reprocessing to
-do. ``[orchestrator] max_periods_per_lock`` bounds the periods of one visit,
-re-rated and due ones together.
+When the pass reaches a scope taken ahead, the main loop continues it
+instead (no safe point: its lease is held), with the lease, the state and
+the queries in flight the look-ahead left; such a scope never has
+reprocessing to do. ``[orchestrator] max_periods_per_lock`` bounds the
+periods of one visit, re-rated and due ones together.
 
 Invariants kept here (doc/source/design.rst): processing and reprocessing
 of a scope never overlap, both run under its lease (invariant 5); a collect
