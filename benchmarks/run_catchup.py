@@ -761,7 +761,9 @@ CATEGORIES = [
     ("eventlet hub / greenlet", ("eventlet/hubs", "eventlet/greenthread", "eventlet/greenpool",
                                  "eventlet/event", "greenlet")),
     ("thread pool", ("concurrent/futures", "threading.py")),
-    ("orchestrator", ("orchestrator.py",)),
+    ("orchestrator", ("orchestrator.py", "cloudkitty_proc/worker.py", "cloudkitty_proc/pipeline.py",
+                      "cloudkitty_proc/lookahead.py", "cloudkitty_proc/leases.py",
+                      "cloudkitty_proc/schedule.py")),
     ("imports / startup", ("<frozen importlib", "importlib/")),
 ]
 

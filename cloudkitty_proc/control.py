@@ -15,7 +15,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from cloudkitty_proc import utils
+from cloudkitty_proc import schedule, utils
 from cloudkitty_proc.exceptions import ConfigError, InvalidRequestError
 from cloudkitty_proc.fetchers.base import FetchError
 from cloudkitty_proc.log import mask_url
@@ -127,8 +127,7 @@ def reprocess(conf: cfg.ConfigOpts, storage: Any, fetcher: Any, scope_ids: Any,
 
 
 def next_period_to_rate(conf: cfg.ConfigOpts, state: Any) -> datetime.datetime:
-    from cloudkitty_proc.orchestrator import first_period, next_start
-    return next_start(state, conf.collect.period, first_period(conf))
+    return schedule.next_start(state, conf.collect.period, schedule.first_period(conf))
 
 
 def reset_state(conf: cfg.ConfigOpts, storage: Any, fetcher: Any, scope_ids: Any,

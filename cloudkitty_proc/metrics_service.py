@@ -31,7 +31,7 @@ from typing import Any
 import cotyledon
 from oslo_config import cfg
 
-from cloudkitty_proc import plugins, utils
+from cloudkitty_proc import plugins, schedule, utils
 from cloudkitty_proc.conf import split_host_port
 from cloudkitty_proc.telemetry import ENV_DIR, PREFIX, Heartbeats
 
@@ -60,8 +60,6 @@ class Health:
         self._cache: tuple[float, dict] | None = None
 
     def snapshot(self) -> dict:
-        from cloudkitty_proc.orchestrator import end_bound, first_period, is_due, next_start
-
         with self._lock:
             if self._cache and time.monotonic() - self._cache[0] < 2.0:
                 return self._cache[1]
@@ -74,10 +72,11 @@ class Health:
             extra = self.storage.get_states(None)
             states.update({k: v for k, v in extra.items() if k not in states})
             now = utils.utcnow()
-            begin, end = first_period(self.conf), end_bound(self.conf)
+            begin = schedule.first_period(self.conf)
+            end = schedule.end_bound(self.conf)
             due = [sid for sid in self._scopes
-                   if is_due(next_start(states.get(sid), period, begin), now, period,
-                             self.conf.collect.wait_periods, end)]
+                   if schedule.is_due(schedule.next_start(states.get(sid), period, begin),
+                                      now, period, self.conf.collect.wait_periods, end)]
             workers = self.conf.orchestrator.max_workers
             hb = self.heartbeats
             last_progress = hb.last_progress(workers) if hb else 0.0

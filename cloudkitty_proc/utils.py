@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import hashlib
 
 UTC = datetime.timezone.utc
 
@@ -68,7 +67,3 @@ def decimal_str(value: decimal.Decimal) -> str:
     """A decimal as a plain string (no exponent), trailing zeros kept."""
     return format(value, "f")
 
-
-def lock_name(scope_id: str) -> bytes:
-    """tooz lock name of a scope: hashed, so any scope id is a safe name."""
-    return ("ckp-scope-" + hashlib.sha256(scope_id.encode()).hexdigest()[:32]).encode()

@@ -8,7 +8,7 @@ import sys
 from oslo_config import cfg
 from rich.console import Console
 
-from cloudkitty_proc import control, plugins, quote, report, utils
+from cloudkitty_proc import control, plugins, quote, report, schedule, utils
 from cloudkitty_proc.cli import common
 from cloudkitty_proc.exceptions import (CollectError, ConfigError, InvalidRequestError,
                                         RatingError, SchemaError)
@@ -133,14 +133,12 @@ def cmd_db() -> int:
 
 
 def _due_scopes(states) -> set[str]:
-    from cloudkitty_proc.orchestrator import end_bound, first_period, is_due, next_start
-
     period = CONF.collect.period
     now = utils.utcnow()
-    begin, end = first_period(CONF), end_bound(CONF)
+    begin, end = schedule.first_period(CONF), schedule.end_bound(CONF)
     return {sid for sid, st in states.items()
-            if st.active and is_due(next_start(st, period, begin), now, period,
-                                    CONF.collect.wait_periods, end)}
+            if st.active and schedule.is_due(schedule.next_start(st, period, begin), now,
+                                             period, CONF.collect.wait_periods, end)}
 
 
 def cmd_status() -> int:

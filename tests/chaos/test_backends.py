@@ -65,7 +65,7 @@ def test_oneshot_two_workers_exactly_once(tmp_path, sqlite_url, coordination_url
 _HOLDER = """
 import sys, time, warnings
 warnings.filterwarnings("ignore")
-from cloudkitty_proc.orchestrator import start_coordinator
+from cloudkitty_proc.leases import start_coordinator
 from cloudkitty_proc import conf as ckconf
 from oslo_config import cfg
 conf = cfg.ConfigOpts()
@@ -84,7 +84,7 @@ def test_lock_of_a_killed_holder_frees_when_its_lease_ends(coordination_url):
     from oslo_config import cfg
 
     from cloudkitty_proc import conf as ckconf
-    from cloudkitty_proc.orchestrator import start_coordinator
+    from cloudkitty_proc.leases import start_coordinator
 
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, coordination_url],
                               stdout=subprocess.PIPE, text=True, cwd=daemon.REPO,

@@ -26,7 +26,7 @@ import time
 
 import redis
 
-from cloudkitty_proc import utils
+from cloudkitty_proc.leases import lock_name
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 from tests.chaos import helpers
@@ -60,7 +60,7 @@ def test_worker_paused_past_its_lease_cannot_commit(tmp_path, pg_url, redis_url)
     metrics_yml.write_text(datagen.METRICS_YML)
     coordination = helpers.redis_coordination(redis_url, lock_timeout=LOCK_TIMEOUT)
     namespace = coordination.rsplit("namespace=", 1)[1]
-    lock_key = namespace.encode() + b"_" + utils.lock_name(scope) + b"_lock"
+    lock_key = namespace.encode() + b"_" + lock_name(scope) + b"_lock"
     redis_client = redis.Redis.from_url(redis_url)
     with helpers.FilePrometheus(om, metrics_yml, fault=fault) as prom:
         extra = helpers.ini(f"""

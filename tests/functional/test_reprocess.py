@@ -28,7 +28,8 @@ import pytest
 from oslo_config import cfg
 
 from cloudkitty_proc import conf as ckp_conf
-from cloudkitty_proc import messaging, utils
+from cloudkitty_proc import messaging
+from cloudkitty_proc.leases import lock_name
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 
@@ -374,7 +375,7 @@ def test_validation_errors_and_malformed_messages(env):
     from tooz import coordination
     holder = coordination.get_coordinator(f"file://{env.tmp_path}/state/locks", b"holder")
     holder.start()
-    lock = holder.get_lock(utils.lock_name(s0))
+    lock = holder.get_lock(lock_name(s0))
     assert lock.acquire(blocking=False)
     try:
         env.storage.create_reprocess_tasks([s0], T0 + datetime.timedelta(hours=2),

@@ -20,9 +20,11 @@ from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.executor import make_executor
 from cloudkitty_proc.fetchers.source import SourceFetcher
 from cloudkitty_proc.metrics_conf import parse_metrics
-from cloudkitty_proc.orchestrator import Worker, is_due, start_coordinator
+from cloudkitty_proc.leases import lock_name, start_coordinator
 from cloudkitty_proc.rating.noop import NoopProcessor
+from cloudkitty_proc.schedule import is_due
 from cloudkitty_proc.storage.sql import SQLStorage
+from cloudkitty_proc.worker import Worker
 
 UTC = datetime.timezone.utc
 T0 = datetime.datetime(2026, 1, 1, tzinfo=UTC)
@@ -219,7 +221,6 @@ def test_empty_period_is_committed_not_skipped(conf, storage):
 
 def test_locked_scope_is_left_to_its_holder(conf, storage):
     coord = start_coordinator(conf, "holder")
-    from cloudkitty_proc.utils import lock_name
     lock = coord.get_lock(lock_name("a"))
     assert lock.acquire(blocking=False)
     try:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloudkitty_proc import utils
-from cloudkitty_proc.orchestrator import start_coordinator
+from cloudkitty_proc.leases import lock_name, start_coordinator
 from tests.unit.test_orchestrator import (HOUR, T0, FakeCollector, conf,  # noqa: F401
                                           make_worker, rows_by_period, storage)
 
@@ -21,7 +20,7 @@ LAST = T0 + 5 * HOUR
 def lock_is_free(conf, scope):
     coord = start_coordinator(conf, f"probe-{scope}")
     try:
-        lock = coord.get_lock(utils.lock_name(scope))
+        lock = coord.get_lock(lock_name(scope))
         if lock.acquire(blocking=False):
             lock.release()
             return True

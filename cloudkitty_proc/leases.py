@@ -1,0 +1,79 @@
+"""Scope leases: the tooz coordinator and the lock that gives a worker a scope.
+
+A worker processes a scope only while it holds the scope's lease: a tooz
+lock (``[orchestrator] coordination_url``) named after the scope id hashed,
+so that any scope id is a valid name on every backend. The lease is taken
+without waiting: a scope held elsewhere is left to its holder and visited
+again on a later pass.
+
+A lease may lapse while held (a paused process, a cut network, a starved
+heartbeat). It only keeps workers from doing the same work twice; what
+makes a second commit impossible is the storage's fencing (the commit is a
+compare-and-set on the scope's state version). A release that fails is
+therefore logged and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from oslo_config import cfg
+
+from cloudkitty_proc.log import mask_url
+
+
+def start_coordinator(conf: cfg.ConfigOpts, member_id: str) -> Any:
+    """A started tooz coordinator (heartbeat thread running) for
+    ``[orchestrator] coordination_url``; ``file://`` directories are created."""
+    # tooz is imported in workers only: the master process never loads it
+    from tooz import coordination
+
+    url = conf.orchestrator.coordination_url
+    if url.startswith("file://"):
+        os.makedirs(url[len("file://"):].split("?", 1)[0], exist_ok=True)
+    coord = coordination.get_coordinator(url, member_id.encode())
+    coord.start(start_heart=True)
+    return coord
+
+
+def lock_name(scope_id: str) -> bytes:
+    """tooz lock name of a scope: hashed, so any scope id is a safe name."""
+    return ("ckp-scope-" + hashlib.sha256(scope_id.encode()).hexdigest()[:32]).encode()
+
+
+@contextlib.contextmanager
+def scope_lease(coordinator: Any, scope_id: str, log: logging.LoggerAdapter, *,
+                on_busy: Callable[[], None] | None = None,
+                quiet: bool = False) -> Iterator[bool]:
+    """Hold the lease of ``scope_id`` for the ``with`` block, if it is free.
+
+    Yields True with the lease held, released when the block ends however
+    it ends. Yields False when another member holds it (``on_busy`` is
+    called) or when the backend cannot be reached (a warning, or a debug
+    line with ``quiet``, for callers that leave the scope to a later try).
+    """
+    lock = coordinator.get_lock(lock_name(scope_id))
+    reachable = True
+    try:
+        acquired = lock.acquire(blocking=False)
+    except Exception as exc:  # tooz backend unreachable
+        log.log(logging.DEBUG if quiet else logging.WARNING,
+                "cannot take the scope lock: %s", mask_url(exc))
+        acquired = reachable = False
+    if not acquired:
+        if reachable and on_busy is not None:
+            on_busy()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            lock.release()
+        except Exception as exc:  # lease lost; the fenced commit protected us
+            log.warning("releasing the scope lock failed: %s", mask_url(exc))
