@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from typing import Any
 
 from oslo_config import cfg
 
+from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.log import mask_url
 
 
@@ -34,11 +36,23 @@ def start_coordinator(conf: cfg.ConfigOpts, member_id: str) -> Any:
     from tooz import coordination
 
     url = conf.orchestrator.coordination_url
+    check_url(url)
     if url.startswith("file://"):
-        os.makedirs(url[len("file://"):].split("?", 1)[0], exist_ok=True)
+        os.makedirs(url[len("file://"):].split("?", 1)[0], mode=0o700, exist_ok=True)
     coord = coordination.get_coordinator(url, member_id.encode())
     coord.start(start_heart=True)
     return coord
+
+
+def check_url(url: str) -> None:
+    """ConfigError unless ``url``'s scheme names an installed tooz driver
+    (read from the package metadata: tooz itself is not imported)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    drivers = {e.name for e in importlib.metadata.entry_points(group="tooz.backends")}
+    if scheme not in drivers:
+        raise ConfigError(f"[orchestrator] coordination_url {mask_url(url)!r}: "
+                          f"{'no scheme' if not scheme else f'unknown scheme {scheme!r}'} "
+                          f"(tooz drivers installed: {', '.join(sorted(drivers))})")
 
 
 def lock_name(scope_id: str) -> bytes:

@@ -24,16 +24,17 @@ import logging
 import os
 import threading
 import time
-from typing import Any
 
 import cotyledon
 from oslo_config import cfg
 
+from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc import plugins, schedule
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.executor import make_executor
 from cloudkitty_proc.leases import start_coordinator
 from cloudkitty_proc.log import mask_url
+from cloudkitty_proc.supervision import RunStatus, start_backoff
 from cloudkitty_proc.telemetry import Heartbeats, Telemetry
 from cloudkitty_proc.worker import Worker
 
@@ -75,14 +76,14 @@ class Orchestrator(cotyledon.Service):
 
     name = "cloudkitty-proc-orchestrator"
 
-    def __init__(self, worker_id: int, oneshot: bool = False, done_flags: Any = None,
+    def __init__(self, worker_id: int, oneshot: bool = False, status: RunStatus | None = None,
                  run_started: datetime.datetime | None = None, worker_count: int = 1,
                  heartbeats: Heartbeats | None = None) -> None:
         super().__init__(worker_id)
         self.worker_id = worker_id
         self.conf = cfg.CONF
         self.oneshot = oneshot
-        self.done_flags = done_flags
+        self.status = status
         self.run_started = run_started
         self.worker_count = worker_count
         self.heartbeats = heartbeats
@@ -96,8 +97,8 @@ class Orchestrator(cotyledon.Service):
         self.worker: Worker | None = None
         self._coordinator = None
         self._executor = None
-        if done_flags is not None:
-            done_flags[worker_id] = 0
+        if status is not None:
+            status.set_idle(worker_id, False)
 
     @property
     def worker_name(self) -> str:
@@ -117,9 +118,10 @@ class Orchestrator(cotyledon.Service):
             storage.sleep = self._executor.sleep
             self._coordinator = start_coordinator(
                 conf, f"{self.worker_name}-{os.getpid()}")
-        except ConfigError as exc:
-            LOG.error("worker %s cannot start: %s", self.worker_name, exc)
-            os._exit(2)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, this worker cannot run
+            self._cannot_start(exc)
+        if self.status is not None:
+            self.status.started()
         self.worker = Worker(
             conf, self.worker_name, storage=storage, collector=collector,
             fetcher=fetcher, rating_chain=chain, coordinator=self._coordinator,
@@ -128,7 +130,9 @@ class Orchestrator(cotyledon.Service):
             reload_pending=self._reload.is_set,
             telemetry=Telemetry(self.worker_id, self.heartbeats, bool(conf.metrics.listen)),
             worker_index=self.worker_id,
-            worker_count=self.worker_count)
+            worker_count=self.worker_count,
+            on_unrecorded=(None if self.status is None
+                           else lambda: self.status.add_unrecorded(self.worker_id)))
         LOG.info("worker %s started (%s executor, %d concurrent queries)", self.worker_name,
                  self._executor.name, self._executor.size)
         _settle_gc()
@@ -139,6 +143,18 @@ class Orchestrator(cotyledon.Service):
             self._stop_rpc()
             self._shutdown_resources()
             self._finished.set()
+
+    def _cannot_start(self, exc: BaseException) -> None:
+        """Setup failed: tell the master (its crash-loop guard stops the
+        daemon after supervision.MAX_START_FAILURES of these in a row),
+        wait a little longer each time, and exit: cotyledon respawns us."""
+        message = str(exc) if isinstance(exc, ConfigError) else \
+            f"{type(exc).__name__}: {exc}"
+        message = mask_url(message)
+        LOG.error("worker %s cannot start: %s", self.worker_name, message)
+        failures = self.status.start_failed(message) if self.status is not None else 1
+        self._stop.wait(start_backoff(failures))
+        os._exit(2)
 
     def _start_rpc(self) -> None:
         """When [DEFAULT] transport_url is set: this worker's RPC server
@@ -166,18 +182,21 @@ class Orchestrator(cotyledon.Service):
 
     def _on_idle(self, idle: bool) -> None:
         self._safe_point()
-        if self.done_flags is not None:
-            self.done_flags[self.worker_id] = 1 if idle else 0
+        if self.status is not None:
+            self.status.set_idle(self.worker_id, idle)
 
     def _apply_reload(self) -> None:
         """At a safe point between passes: re-read config files and rules.
         Invalid new rules or metrics keep the ones in force."""
         assert self.worker is not None
         try:
+            # the files are checked on a copy first: a bad value leaves this
+            # worker on the configuration in force, as it leaves the master
+            ckp_conf.check_files(self.conf)
             self.conf.reload_config_files()
         except Exception as exc:
-            LOG.error("worker %s: config reload failed, keeping the current one: %s",
-                      self.worker_name, exc)
+            LOG.error("worker %s: config reload refused, keeping the current one: %s",
+                      self.worker_name, mask_url(exc))
             return
         for processor in self.worker.rating_chain:
             try:

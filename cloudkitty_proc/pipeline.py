@@ -35,7 +35,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,11 +65,26 @@ class ScopeResult:
 
 class Failures:
     """Records a failed period: counted, logged, and stored on the scope's
-    state (``last_error``) where ``status`` shows it."""
+    state (``last_error``) where ``status`` shows it.
 
-    def __init__(self, storage: Any, telemetry: Telemetry) -> None:
+    When even that store fails (the database full, or refusing the scope),
+    nothing shows the failure and nothing would slow the retries down: the
+    scope then waits before its next try (``UNRECORDED_BACKOFF`` seconds,
+    doubling up to ``UNRECORDED_BACKOFF_MAX``; ``waiting``), the log says
+    so once per wait, and ``on_unrecorded`` tells the master (a ``--oneshot``
+    run then exits 1). ``forget`` ends the wait once the scope commits again.
+    """
+
+    UNRECORDED_BACKOFF = 1.0
+    UNRECORDED_BACKOFF_MAX = 300.0
+
+    def __init__(self, storage: Any, telemetry: Telemetry,
+                 on_unrecorded: Callable[[], None] | None = None) -> None:
         self.storage = storage
         self.telemetry = telemetry
+        self.on_unrecorded = on_unrecorded
+        #: scope -> (failures in a row not recorded, monotonic time of the next try)
+        self._unrecorded: dict[str, tuple[int, float]] = {}
 
     def record(self, log: ContextLogger, res: ScopeResult, scope_id: str,
                begin: datetime.datetime, stage: str, exc: BaseException, *,
@@ -82,7 +97,30 @@ class Failures:
         try:
             self.storage.record_error(scope_id, message, kind)
         except Exception as err:  # the DB itself may be what failed
-            log.error("cannot record the error: %s", mask_url(err))
+            self.unrecorded(log, scope_id, f"cannot record the error: {mask_url(err)}")
+
+    def unrecorded(self, log: ContextLogger, scope_id: str, message: str) -> None:
+        """A failure of ``scope_id`` that the storage could not keep."""
+        count = self._unrecorded.get(scope_id, (0, 0.0))[0] + 1
+        delay = min(self.UNRECORDED_BACKOFF * 2 ** (count - 1), self.UNRECORDED_BACKOFF_MAX)
+        self._unrecorded[scope_id] = (count, time.monotonic() + delay)
+        log.error("%s; the scope waits %.0f s before its next try (%d in a row)",
+                  message, delay, count)
+        if self.on_unrecorded is not None:
+            self.on_unrecorded()
+
+    def waiting(self, scope_id: str) -> bool:
+        """True while ``scope_id`` waits after a failure that was not recorded."""
+        entry = self._unrecorded.get(scope_id)
+        return entry is not None and time.monotonic() < entry[1]
+
+    def failed_unrecorded(self, scope_id: str) -> bool:
+        """Whether ``scope_id`` had a failure that was not recorded (and has
+        not committed since)."""
+        return scope_id in self._unrecorded
+
+    def forget(self, scope_id: str) -> None:
+        self._unrecorded.pop(scope_id, None)
 
 
 class Committer(Protocol):

@@ -40,7 +40,7 @@ import datetime
 import logging
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,7 @@ class Worker:
                  stop_event: threading.Event | None = None,
                  wake_event: threading.Event | None = None,
                  safe_point: Any = None, telemetry: Telemetry | None = None,
+                 on_unrecorded: Callable[[], None] | None = None,
                  worker_index: int = 0, worker_count: int = 1,
                  reload_pending: Any = None) -> None:
         self.conf = conf
@@ -115,7 +116,7 @@ class Worker:
         self.period = conf.collect.period
         self.begin = schedule.first_period(conf)
         self.end = schedule.end_bound(conf)
-        self.failures = Failures(storage, self.telemetry)
+        self.failures = Failures(storage, self.telemetry, on_unrecorded=on_unrecorded)
         self.pipeline = Pipeline(conf, executor=executor, collector=collector,
                                  rating_chain=self.rating_chain, failures=self.failures,
                                  telemetry=self.telemetry, stop_event=self.stop_event)
@@ -174,6 +175,8 @@ class Worker:
                 if res is None:  # locked by another worker
                     result.pending = True
                     continue
+                if res.committed and not res.error:
+                    self.failures.forget(scope_id)
                 result.worked |= res.attempted
                 result.pending |= res.more_due
                 result.committed += res.committed
@@ -194,6 +197,10 @@ class Worker:
                                    self.conf.collect.wait_periods, self.end):
                 return False
         if state is not None and not state.active:
+            return False
+        if self.failures.waiting(scope_id):  # its last error could not be stored
+            return False
+        if self.oneshot and self.failures.failed_unrecorded(scope_id):
             return False
         return not (self.oneshot and self._failed_this_run(state))
 
@@ -227,7 +234,8 @@ class Worker:
         try:
             state = self.storage.get_state(scope_id)  # fresh, under the lease
         except Exception as exc:
-            log.error("cannot read the scope state: %s", mask_url(exc))
+            self.failures.unrecorded(log, scope_id,
+                                     f"cannot read the scope state: {mask_url(exc)}")
             res.error = True
             return res
         if not state.active:

@@ -6,15 +6,23 @@ The master process validates the configuration, checks the database schema
 workers. It does no other I/O, opens no socket that survives the fork and
 never imports eventlet.
 
-``--oneshot``: each worker raises its flag in a shared byte array when a pass
-found nothing due and nothing locked by another worker; when every flag is
-up the master stops the workers, prints a summary and exits 0, or 1 if a
-scope failed during the run.
+Before forking, the master also builds (and closes) the collector and the
+fetcher and checks the coordination URL's scheme, so a bad ``prometheus_url``,
+``cafile``, proxy or collector file stops the start with one line naming it
+instead of workers that fail forever. What only a worker can find (the
+coordination backend down, a wrong password) is caught by the crash-loop
+guard (``supervision.py``): after ``MAX_START_FAILURES`` failed worker starts
+in a row the daemon stops, exit 1, with the workers' error.
+
+``--oneshot``: each worker raises its idle flag (``supervision.RunStatus``)
+when a pass found nothing due and nothing locked by another worker; when
+every flag is up the master stops the workers, prints a summary and exits
+0, or 1 if a scope failed during the run (errors that could not be stored
+included).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import sys
@@ -23,10 +31,13 @@ import time
 
 from oslo_config import cfg
 
-from cloudkitty_proc import plugins, report, telemetry, utils
+from cloudkitty_proc import conf as ckp_conf
+from cloudkitty_proc import leases, plugins, report, telemetry, utils
 from cloudkitty_proc.cli import common
 from cloudkitty_proc.exceptions import ConfigError, SchemaError
+from cloudkitty_proc.log import mask_url
 from cloudkitty_proc.sdnotify import Notifier, watchdog_interval
+from cloudkitty_proc.supervision import MAX_START_FAILURES, MAX_WORKERS, RunStatus
 from cloudkitty_proc.telemetry import Heartbeats
 
 CONF = cfg.CONF
@@ -37,7 +48,7 @@ CLI_OPTS = [
                 "and exit (0, or 1 if a scope ended in error)."),
 ]
 
-MAX_FLAGS = 4096
+MAX_FLAGS = MAX_WORKERS
 
 
 def _check_storage() -> None:
@@ -48,18 +59,48 @@ def _check_storage() -> None:
         storage.close()
 
 
-def _watch_done(flags, manager_pid: int, stop: threading.Event) -> None:
+def _check_plugins() -> None:
+    """Build what the workers will build, without connecting: the collector
+    (URL, CA file, proxies, collector file) and the fetcher; check the
+    coordination URL's scheme. ConfigError naming the option."""
+    for load in (plugins.load_collector, plugins.load_fetcher):
+        try:
+            plugin = load(CONF)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin refusing its options
+            raise ConfigError(mask_url(f"{type(exc).__name__}: {exc}")) from None
+        plugin.close()
+    leases.check_url(CONF.orchestrator.coordination_url)
+
+
+def _watch_done(status: RunStatus, manager_pid: int, stop: threading.Event) -> None:
     """Master thread (oneshot): SIGTERM ourselves once every worker is idle."""
     stable = 0
     while not stop.wait(0.2):
-        workers = CONF.orchestrator.max_workers
-        if workers and all(flags[i] == 1 for i in range(workers)):
+        try:
+            workers = CONF.orchestrator.max_workers
+        except Exception:  # noqa: BLE001 - a bad reloaded value: keep watching
+            continue
+        if status.all_idle(workers):
             stable += 1
             if stable >= 2:
                 os.kill(manager_pid, signal.SIGTERM)
                 return
         else:
             stable = 0
+
+
+def _watch_starts(status: RunStatus, manager_pid: int, stop: threading.Event,
+                  crashed: threading.Event) -> None:
+    """Master thread: stop the daemon when workers keep failing to start."""
+    while not stop.wait(0.5):
+        if status.start_failures() >= MAX_START_FAILURES:
+            print(f"error: workers failed to start {status.start_failures()} times in a "
+                  f"row, stopping: {status.last_start_error()}", file=sys.stderr)
+            crashed.set()
+            os.kill(manager_pid, signal.SIGTERM)
+            return
 
 
 def _supervise_systemd(notifier: Notifier, heartbeats: Heartbeats,
@@ -100,6 +141,7 @@ def run_daemon() -> int:
         _check_storage()
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
+    _check_plugins()
 
     oneshot = CONF.oneshot
     workers = CONF.orchestrator.max_workers
@@ -110,14 +152,14 @@ def run_daemon() -> int:
         print("max_workers = 0: nothing to do", file=sys.stderr)
         return 0
 
-    flags = multiprocessing.RawArray("b", MAX_FLAGS) if oneshot else None
+    status = RunStatus(MAX_FLAGS)
     heartbeats = Heartbeats(MAX_FLAGS)
     # cotyledon would send READY=1 before any worker runs: we send it
     notifier = Notifier.take_from_env()
     manager = cotyledon.ServiceManager(
         graceful_shutdown_timeout=CONF.graceful_shutdown_timeout)
     sid = manager.add(Orchestrator, workers=max(workers, 1),
-                      kwargs={"oneshot": oneshot, "done_flags": flags,
+                      kwargs={"oneshot": oneshot, "status": status,
                               "run_started": run_started, "worker_count": max(workers, 1),
                               "heartbeats": heartbeats})
     if workers == 0:
@@ -135,10 +177,11 @@ def run_daemon() -> int:
         # cotyledon 2.2 does not reload the config in the master: do it,
         # then apply a changed worker count. Workers reload themselves.
         try:
+            ckp_conf.check_files(CONF)  # on a copy: refused, nothing changes
             CONF.reload_config_files()
-            common.validate_options()
         except (ConfigError, cfg.Error) as exc:
-            print(f"error: reload refused: {exc}", file=sys.stderr)
+            print(f"error: reload refused, keeping the configuration in force: "
+                  f"{mask_url(exc)}", file=sys.stderr)
             return
         manager.reconfigure(sid, CONF.orchestrator.max_workers)
         # cotyledon adjusts the worker count when it next looks at its
@@ -148,11 +191,14 @@ def run_daemon() -> int:
     manager.register_hooks(on_reload=on_reload,
                            on_terminate=lambda: notifier.notify("STOPPING=1"))
     stop_watch = threading.Event()
+    crashed = threading.Event()
+    threading.Thread(target=_watch_starts, args=(status, os.getpid(), stop_watch, crashed),
+                     daemon=True, name="start-watch").start()
     if notifier.enabled:
         threading.Thread(target=_supervise_systemd, args=(notifier, heartbeats, stop_watch),
                          daemon=True, name="systemd-notify").start()
     if oneshot:
-        threading.Thread(target=_watch_done, args=(flags, os.getpid(), stop_watch),
+        threading.Thread(target=_watch_done, args=(status, os.getpid(), stop_watch),
                          daemon=True, name="oneshot-watch").start()
     started = time.monotonic()
     try:
@@ -161,14 +207,21 @@ def run_daemon() -> int:
         pass
     finally:
         stop_watch.set()
+    if crashed.is_set():
+        return 1
     if not oneshot:
         return 0
     storage = plugins.load_storage(CONF)
     try:
-        return report.print_oneshot_summary(storage, run_started,
+        code = report.print_oneshot_summary(storage, run_started,
                                             time.monotonic() - started)
     finally:
         storage.close()
+    if status.unrecorded():
+        print(f"error: {status.unrecorded()} failure(s) could not be stored in the "
+              "database (see the log)", file=sys.stderr)
+        return 1
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
