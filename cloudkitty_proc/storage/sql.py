@@ -54,7 +54,7 @@ from cloudkitty_proc.exceptions import SchemaError, StaleStateError
 from cloudkitty_proc.storage import models
 from cloudkitty_proc.storage.base import (MAX_ERROR_LENGTH, REPROCESSING, BaseStorage,
                                           RatedPeriod)
-from cloudkitty_proc.storage.sql_engines import create_engines, sqlite_is_memory
+from cloudkitty_proc.storage.sql_engines import create_engines
 from cloudkitty_proc.storage.sql_read import SQLReads
 from cloudkitty_proc.storage.sql_rows import clip_error, db_now, frame_rows, naive
 from cloudkitty_proc.storage.sql_tasks import SQLReprocessTasks
@@ -276,7 +276,7 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         """The pooled writer connection commit_period keeps checked out on
         SQLite (sqlite_fast.CommitConnection)."""
         self._engines()  # a new process gets its own engines first
-        return self._commit.get(self.engine, sqlite_is_memory(self.url))
+        return self._commit.get(self.engine)
 
     # -- state writes ------------------------------------------------------
     def _upsert_state(self, scope_id: str, update_values: dict,

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from cloudkitty_proc import faults
-from cloudkitty_proc.storage.sql_engines import begin_immediate
+from cloudkitty_proc.storage.sql_engines import begin_immediate, sqlite_is_memory
 from cloudkitty_proc.storage.sql_rows import sqlite_datetime
 
 LOG = logging.getLogger(__name__)
@@ -133,11 +133,11 @@ class CommitConnection:
         # connections inherited through fork, never touched again
         self._inherited: list[Any] = []
 
-    def get(self, engine: sa.Engine, memory: bool) -> Any:
+    def get(self, engine: sa.Engine) -> Any:
         """The pooled connection (checked out of ``engine`` on first use)."""
         if self.raw is None:
             raw = engine.raw_connection()
-            if raw.info.get("ckp_own_busy_wait") and not memory:
+            if raw.info.get("ckp_own_busy_wait") and not sqlite_is_memory(engine.url):
                 # WAL journal: checkpoints leave this connection's commits
                 raw.driver_connection.execute("PRAGMA wal_autocheckpoint = 0")
                 if self.checkpointer is None:
