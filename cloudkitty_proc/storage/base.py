@@ -212,7 +212,7 @@ class BaseStorage(abc.ABC):
             raise ValueError(f"unknown storage capability {capability!r}")
         return capability in self.capabilities
 
-    def __init__(self, conf: cfg.ConfigOpts) -> None:
+    def __init__(self, conf: cfg.ConfigOpts | None) -> None:
         self.conf = conf
         self.sleep = time.sleep
 
