@@ -21,6 +21,12 @@ Threading: a storage object is used from the worker's main thread only (DB
 drivers block the whole process: keep DB work outside the collect pool). The
 RPC endpoint of a worker (messaging.py) has a storage object of its own,
 used by one RPC thread at a time.
+
+What a backend provides: every abstract method of ``BaseStorage`` (schema,
+states, commit, reset, reading). Optional features are data: a backend lists
+the ones it has in ``capabilities`` and callers ask ``supports()``; the
+methods of a feature it does not list keep the base's behaviour (documented
+on each). ``tests/storage_contract.py`` is the test suite every backend runs.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import dataclasses
 import datetime
 import decimal
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from oslo_config import cfg
 
 from cloudkitty_proc.dataframe import DataFrame
+from cloudkitty_proc.exceptions import InvalidRequestError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,22 @@ class RatedRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class RatedPeriod:
+    """One committed (scope, period), empty periods included."""
+
+    scope_id: str
+    begin: datetime.datetime
+    end: datetime.datetime
+    #: rated rows of the period
+    points: int
+    #: exact sum of the rows' prices
+    price: decimal.Decimal
+    committed_at: datetime.datetime
+    #: who committed it (``commit_period``'s ``worker``; "" when not given)
+    worker: str
+
+
+@dataclasses.dataclass(frozen=True)
 class TypeSummary:
     scope_id: str
     type: str
@@ -86,6 +109,9 @@ TASK_FAILED = "failed"
 ACTIVE_TASK_STATES = (TASK_PENDING, TASK_RUNNING)
 #: longest client-supplied request id
 MAX_REQUEST_ID_LENGTH = 128
+#: longest error message kept (a scope's or a task's ``last_error``); a
+#: longer one is cut and ends with "…"
+MAX_ERROR_LENGTH = 4000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,16 +157,54 @@ def request_key(scope_id: str, begin: datetime.datetime, end: datetime.datetime,
 
 #: Optional storage features. A backend lists those it has in its
 #: ``capabilities``; callers test ``storage.supports(...)`` before using them.
-#: ``REPROCESSING``: the reprocessing-task methods (``create_reprocess_tasks``
-#: … ``record_task_error``) are implemented.
+#:
+#: ``REPROCESSING``: durable reprocessing tasks (invariant 4). A backend that
+#: lists it implements every method of ``CAPABILITY_METHODS[REPROCESSING]``;
+#: one that does not has no tasks: ``list_tasks`` returns [],
+#: ``next_pending_task`` None, and ``create_reprocess_tasks`` refuses the
+#: request (InvalidRequestError naming the backend).
 REPROCESSING = "reprocessing"
 
-CAPABILITIES = frozenset({REPROCESSING})
+#: every capability, and the methods a backend listing it must define
+CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
+    REPROCESSING: ("create_reprocess_tasks", "list_tasks", "next_pending_task",
+                   "commit_reprocessed_period", "record_task_error"),
+}
+CAPABILITIES = frozenset(CAPABILITY_METHODS)
 
 
 class BaseStorage(abc.ABC):
+    """A storage backend (a ``cloudkitty_proc.storage`` entry point).
+
+    Built as ``cls(conf)``, connecting lazily (a storage may be built in
+    the master before the workers fork). Subclasses define every abstract
+    method below, and the methods of each capability they list in
+    ``capabilities`` (checked when the class is defined). Their options
+    are declared in their module as ``OPTS = [(group, [opts])]`` and listed
+    in conf.py's ``PLUGIN_OPT_MODULES``.
+    """
+
     #: the optional features this backend has (a subset of CAPABILITIES)
     capabilities: frozenset[str] = frozenset()
+
+    #: how the storage waits for a lock held by another process; a worker
+    #: with the GreenPool executor sets ``eventlet.sleep`` so its collector
+    #: replies are handled meanwhile
+    sleep: Callable[[float], None]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.capabilities) - CAPABILITIES
+        if unknown:
+            raise TypeError(f"{cls.__name__}.capabilities: unknown "
+                            f"{', '.join(sorted(unknown))} (known: "
+                            f"{', '.join(sorted(CAPABILITIES))})")
+        for capability in cls.capabilities:
+            missing = [name for name in CAPABILITY_METHODS[capability]
+                       if getattr(cls, name) is getattr(BaseStorage, name)]
+            if missing:
+                raise TypeError(f"{cls.__name__} lists the {capability} capability "
+                                f"but does not define {', '.join(missing)}")
 
     def supports(self, capability: str) -> bool:
         """Whether this backend has the optional feature ``capability``."""
@@ -148,17 +212,18 @@ class BaseStorage(abc.ABC):
             raise ValueError(f"unknown storage capability {capability!r}")
         return capability in self.capabilities
 
-    def __init__(self, conf: cfg.ConfigOpts) -> None:
+    def __init__(self, conf: cfg.ConfigOpts | None) -> None:
         self.conf = conf
-        #: how the storage waits for a lock held by another process; a
-        #: worker with the GreenPool executor sets ``eventlet.sleep`` so its
-        #: collector replies are handled meanwhile
         self.sleep = time.sleep
 
     # -- schema ---------------------------------------------------------
     @abc.abstractmethod
     def upgrade(self) -> None:
-        """Create or migrate the schema to the latest version."""
+        """Create or migrate the schema to the latest version (idempotent)."""
+
+    @abc.abstractmethod
+    def current_revision(self) -> str | None:
+        """The schema revision the store is at; None when not created."""
 
     @abc.abstractmethod
     def check_schema(self) -> None:
@@ -173,35 +238,39 @@ class BaseStorage(abc.ABC):
 
     @abc.abstractmethod
     def get_states(self, scope_ids: list[str] | None = None) -> dict[str, ScopeState]:
-        """States of the given scopes (all known scopes when None). Scopes
-        without a row are returned with version 0."""
+        """States of the given scopes, in the order given (all known scopes
+        when None). Scopes without a row are returned with version 0."""
 
     @abc.abstractmethod
     def commit_period(self, frame: DataFrame, expected_version: int,
                       *, worker: str = "") -> int:
-        """Store the rated ``frame`` and set the scope state to
-        ``frame.begin`` in one transaction, if and only if the scope's version
-        is still ``expected_version``. Returns the new version. Raises
-        StaleStateError (nothing written) otherwise. An empty frame is a
-        valid commit (a period with no data)."""
+        """Store the rated ``frame``, its period record and set the scope
+        state to ``frame.begin`` in one transaction, if and only if the
+        scope's version is still ``expected_version``. Returns the new
+        version (expected_version + 1). Raises StaleStateError (nothing
+        written) otherwise. An empty frame is a valid commit (a period with
+        no data)."""
 
     @abc.abstractmethod
     def record_error(self, scope_id: str, message: str, kind: str = "error") -> None:
-        """Remember the last error of a scope (for status); never changes
-        last_processed nor version."""
+        """Remember the last error of a scope (for status; at most
+        MAX_ERROR_LENGTH characters kept); never changes last_processed nor
+        version."""
 
     @abc.abstractmethod
     def reset_state(self, scope_id: str, to: datetime.datetime | None,
                     period: int) -> None:
-        """Delete the scope's rated rows with begin >= ``to`` and set its
-        state so the period starting at ``to`` is the next one rated
-        (last_processed = to - period). Bumps the version. In the same
-        transaction, active reprocessing tasks of the scope are cut at
-        ``to`` (their periods from ``to`` on are rated again anyway), or
-        marked failed when nothing of their window is left before ``to``.
-        ``to`` None: everything is deleted and every active task failed."""
+        """Delete the scope's rated rows and period records with begin >=
+        ``to`` and set its state so the period starting at ``to`` is the
+        next one rated (last_processed = to - period). Bumps the version (a
+        scope without a row gets version 1, so a worker that read version 0
+        is fenced). In the same transaction, active reprocessing tasks of
+        the scope are cut at ``to`` (their periods from ``to`` on are rated
+        again anyway), or marked failed when nothing of their window is left
+        before ``to``. ``to`` None: everything is deleted and every active
+        task failed."""
 
-    # -- reprocessing tasks ------------------------------------------------
+    # -- reprocessing tasks (capability REPROCESSING) -----------------------
     def create_reprocess_tasks(self, scope_ids: Sequence[str], begin: datetime.datetime,
                                end: datetime.datetime, reason: str, period: int,
                                *, request_id: str | None = None,
@@ -222,18 +291,23 @@ class BaseStorage(abc.ABC):
         active task of the scope with exactly this window is returned (the
         requests merge); an active task whose window overlaps this one
         refuses the request.
+
+        Without REPROCESSING: always InvalidRequestError.
         """
-        raise NotImplementedError
+        raise InvalidRequestError(
+            f"reprocessing is not available: the {type(self).__name__} storage backend "
+            "does not support it")
 
     def list_tasks(self, states: Sequence[str] | None = None,
                    scope_id: str | None = None,
                    ids: Sequence[int] | None = None) -> list[ReprocessTask]:
-        """Tasks (filtered), ordered by id."""
-        raise NotImplementedError
+        """Tasks (filtered), ordered by id. Without REPROCESSING: []."""
+        return []
 
     def next_pending_task(self, scope_id: str) -> ReprocessTask | None:
-        """The oldest active (pending or running) task of the scope."""
-        raise NotImplementedError
+        """The oldest active (pending or running) task of the scope.
+        Without REPROCESSING: None."""
+        return None
 
     def commit_reprocessed_period(self, task_id: int, frame: DataFrame,
                                   expected_next_period: datetime.datetime,
@@ -241,20 +315,23 @@ class BaseStorage(abc.ABC):
         """Replace the rated rows (and period record) of ``frame``'s period by
         ``frame``'s and advance the task past it (done when it reaches the
         task's end), in ONE transaction, if and only if the task is still
-        active at ``expected_next_period`` (== ``frame.begin``). Returns the
-        task as updated.
+        active at ``expected_next_period`` (== ``frame.begin``, else
+        ValueError). Returns the task as updated. The scope state is not
+        touched.
 
         StaleStateError (nothing written) when the task moved on or was
         cancelled; TaskCancelledError when the period is no longer below the
         scope's processed frontier (a reset-state moved it): the task is
         then marked failed and no rows are written.
+
+        Without REPROCESSING: NotImplementedError (there is no task).
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: no reprocessing")
 
     def record_task_error(self, task_id: int, message: str) -> None:
         """Remember the last error of an active task (it stays active and
-        is retried)."""
-        raise NotImplementedError
+        is retried). Without REPROCESSING: NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__}: no reprocessing")
 
     # -- reading ---------------------------------------------------------
     @abc.abstractmethod
@@ -263,11 +340,21 @@ class BaseStorage(abc.ABC):
                    end: datetime.datetime | None = None) -> Iterator[RatedRow]:
         """Rated rows with begin <= row.begin < end, ordered by scope, begin,
         type (then insertion order). Streams: memory does not grow with
-        the number of rows."""
+        the number of rows; closing the iterator early releases what it
+        holds."""
+
+    @abc.abstractmethod
+    def iter_periods(self, scope_id: str | None = None,
+                     begin: datetime.datetime | None = None,
+                     end: datetime.datetime | None = None) -> Iterator[RatedPeriod]:
+        """Committed periods (empty ones included) with
+        begin <= period.begin < end, ordered by scope and begin; streams
+        as iter_rated."""
 
     @abc.abstractmethod
     def summary(self, scope_id: str | None = None) -> list[TypeSummary]:
-        """Per scope and type: periods with data, points, Σqty, Σprice."""
+        """Per scope and type (in that order): periods with data, points,
+        Σqty, Σprice (exact: never rounded)."""
 
     def close(self) -> None:
-        """Release connections."""
+        """Release connections; the next call reconnects."""

@@ -1,4 +1,8 @@
-"""The ``sql`` storage against real SQLite, PostgreSQL and MariaDB databases.
+"""The ``sql`` storage against real SQLite, PostgreSQL and MariaDB databases:
+what is specific to it (stored text, atomicity under injected failures,
+schema and migrations, multi-row INSERTs, SQLite's locking and fast path).
+What every backend must do is in the contract suite
+(tests/storage_contract.py, run by test_storage_contract_sql.py).
 
 Most tests run once per backend (``db_url`` fixture); the SQLite-specific
 ones (locking, several processes on one file) use ``sqlite_url``.
@@ -9,12 +13,12 @@ from __future__ import annotations
 import datetime
 import decimal
 import multiprocessing
-import threading
 import time
 import traceback
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from oslo_config import cfg
@@ -22,10 +26,9 @@ from oslo_config import cfg
 from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc.dataframe import DataFrame, DataPoint
 from cloudkitty_proc.exceptions import SchemaError, StaleStateError
-from cloudkitty_proc.storage import models
-from cloudkitty_proc.storage import sql as sql_storage
+from cloudkitty_proc.storage import models, sql_engines, sql_read, sql_rows, sqlite_fast
 from cloudkitty_proc.storage.base import RatedRow
-from cloudkitty_proc.storage.sql import SQLStorage
+from cloudkitty_proc.storage.sql import SQLStorage, alembic_config
 
 D = decimal.Decimal
 UTC = datetime.timezone.utc
@@ -71,43 +74,18 @@ def storage(db_url):
 
 # -- commit and read back ----------------------------------------------------
 
-def test_commit_and_read_back_exact(storage):
+def test_labels_and_decimals_stored_as_compact_text(storage):
+    """What the contract's read-back case (tests/storage_contract.py) reads,
+    as stored: label JSON compact with sorted keys, quantities as plain
+    decimal text."""
     big_qty = D("12345678901234567890.123456789012345678901234567891")
-    tiny_price = D("0.000000000000000000000000000001")
     frame = DataFrame("p1", at(0), at(1))
-    # added out of type order: rows come back ordered by type
     frame.add_points("volume", [
-        DataPoint("GiB", big_qty, tiny_price, {"project_id": "p1", "id": "vol-é✓"},
+        DataPoint("GiB", big_qty, D("0.000000000000000000000000000001"),
+                  {"project_id": "p1", "id": "vol-é✓"},
                   {"z": "last", "a": "first", "quote": 'say "hi"'}),
     ])
-    frame.add_points("instance", [
-        DataPoint("instance", D("1"), D("0.010000"), {"project_id": "p1", "id": "vm-1"},
-                  {"flavor_name": "m1.small"}),
-        DataPoint("instance", D("1E+3"), D("98765432109876543210.98765432109876543210"),
-                  {"project_id": "p1", "id": "vm-2"}, {}),
-    ])
-
     assert storage.commit_period(frame, 0, worker="host-1") == 1
-
-    rows = list(storage.iter_rated("p1"))
-    assert rows == [
-        RatedRow("p1", at(0), at(1), "instance", "instance", D("1"), D("0.010000"),
-                 {"project_id": "p1", "id": "vm-1"}, {"flavor_name": "m1.small"}),
-        RatedRow("p1", at(0), at(1), "instance", "instance", D("1000"),
-                 D("98765432109876543210.98765432109876543210"),
-                 {"project_id": "p1", "id": "vm-2"}, {}),
-        RatedRow("p1", at(0), at(1), "volume", "GiB", big_qty, tiny_price,
-                 {"project_id": "p1", "id": "vol-é✓"},
-                 {"z": "last", "a": "first", "quote": 'say "hi"'}),
-    ]
-    # exact strings, trailing zeros and all, no exponent
-    assert [format(r.price, "f") for r in rows] == [
-        "0.010000", "98765432109876543210.98765432109876543210",
-        "0.000000000000000000000000000001"]
-    assert str(rows[2].qty) == "12345678901234567890.123456789012345678901234567891"
-    for row in rows:
-        assert row.begin.tzinfo is not None and row.begin.utcoffset() == datetime.timedelta(0)
-
     # JSON stored compact with sorted keys
     with storage.reader_engine.connect() as connection:
         stored = connection.execute(
@@ -115,24 +93,6 @@ def test_commit_and_read_back_exact(storage):
             .where(models.rated_data.c.type == "volume")).one()
     assert stored[0] == '{"a":"first","quote":"say \\"hi\\"","z":"last"}'
     assert stored[1] == "12345678901234567890.123456789012345678901234567891"
-
-    state = storage.get_state("p1")
-    assert state.last_processed == at(0) and state.last_processed.tzinfo is not None
-    assert state.version == 1
-    assert state.last_error is None
-    assert abs(state.last_commit_at - datetime.datetime.now(UTC)) < datetime.timedelta(minutes=1)
-
-    total = D("98765432109876543210.997654321098765432100000000001")  # no rounding
-    [period] = storage.iter_periods("p1")
-    assert (period.begin, period.end, period.points, period.worker) == (at(0), at(1), 3, "host-1")
-    assert period.price == total and str(period.price) == str(total)
-
-    summary = {(s.scope_id, s.type): s for s in storage.summary()}
-    assert set(summary) == {("p1", "instance"), ("p1", "volume")}
-    inst = summary["p1", "instance"]
-    assert (inst.periods, inst.points, inst.qty) == (1, 2, D("1001"))
-    assert inst.price == D("98765432109876543210.99765432109876543210")
-    assert summary["p1", "volume"].qty == big_qty
 
 
 def test_label_json_is_the_standard_encoders_json():
@@ -150,12 +110,12 @@ def test_label_json_is_the_standard_encoders_json():
         {},
     ]
     for labels in cases:
-        text = sql_storage._label_json(labels)
-        assert json.loads(text) == json.loads(sql_storage._dumps(labels))
+        text = sql_rows.label_json(labels)
+        assert json.loads(text) == json.loads(sql_rows.std_dumps(labels))
         assert ", " not in text and ": " not in text
         keys = list(json.loads(text))
         assert keys == sorted(keys)
-    assert sql_storage._label_json({"u": "é"}) == '{"u":"é"}'
+    assert sql_rows.label_json({"u": "é"}) == '{"u":"é"}'
 
 
 def test_decimal_text_is_format_f():
@@ -171,77 +131,17 @@ def test_decimal_text_is_format_f():
     values += [D(rnd.randint(-10**12, 10**12)).scaleb(rnd.randint(-40, 12))
                for _ in range(5000)]
     for value in values:
-        assert sql_storage._decimal_text(value) == format(value, "f"), value
+        assert sql_rows.decimal_text(value) == format(value, "f"), value
     with decimal.localcontext() as ctx:
         ctx.capitals = 0  # str() writes a lower-case exponent then
-        assert sql_storage._decimal_text(D("1E+3")) == "1000"
-        assert sql_storage._decimal_text(D("1E-7")) == "0.0000001"
+        assert sql_rows.decimal_text(D("1E+3")) == "1000"
+        assert sql_rows.decimal_text(D("1E-7")) == "0.0000001"
     # not a Decimal (a plugin's int): what format gives, as before
-    assert sql_storage._decimal_text(3) == format(3, "f")
-
-
-def test_summary_is_exact_and_counts_periods(storage):
-    v = 0
-    for n in range(3):
-        frame = DataFrame("p1", at(n), at(n + 1))
-        frame.add_points("instance", [
-            DataPoint("instance", D("0.1"), D("10000000000000000000000000000"),
-                      {}, {}),
-            DataPoint("instance", D("0.2"), D("0.0000000001"), {}, {}),
-        ])
-        v = storage.commit_period(frame, v)
-    storage.commit_period(make_frame("p2", 0, points=1, types=("volume",)), 0)
-    [inst] = storage.summary("p1")
-    assert (inst.scope_id, inst.type, inst.periods, inst.points) == ("p1", "instance", 3, 6)
-    assert inst.qty == D("0.9")
-    # 29 integer digits + 10 decimals: beyond the default 28-digit context
-    assert inst.price == D("30000000000000000000000000000.0000000003")
-    assert [(s.scope_id, s.type) for s in storage.summary()] == [
-        ("p1", "instance"), ("p2", "volume")]
-
-
-def test_empty_frame_commits_and_advances_state(storage):
-    assert storage.commit_period(make_frame("p1", 0), 0) == 1
-    assert storage.commit_period(make_frame("p1", 1), 1) == 2
-    state = storage.get_state("p1")
-    assert (state.last_processed, state.version) == (at(1), 2)
-    assert list(storage.iter_rated("p1")) == []
-    periods = list(storage.iter_periods("p1"))
-    assert [(p.begin, p.points, p.price) for p in periods] == [(at(0), 0, 0), (at(1), 0, 0)]
-    assert storage.summary("p1") == []
-
-
-def test_iter_rated_order_and_half_open_window(storage, monkeypatch):
-    # small chunks: ordering must hold across fetch boundaries
-    monkeypatch.setattr(sql_storage, "STREAM_CHUNK", 3)
-    scopes = ["b", "a", "B"]  # bytewise order: "B" < "a" < "b" on every backend
-    for scope in scopes:
-        v = 0
-        for n in (0, 1, 2, 3):
-            v = storage.commit_period(
-                make_frame(scope, n, points=2, types=("zeta", "alpha")), v)
-
-    rows = list(storage.iter_rated())
-    keys = [(r.scope_id, r.begin, r.type, r.groupby["i"]) for r in rows]
-    assert keys == [(s, at(n), t, i) for s in ("B", "a", "b") for n in range(4)
-                    for t in ("alpha", "zeta") for i in ("0", "1")]
-
-    window = list(storage.iter_rated(begin=at(1), end=at(3)))
-    assert {r.begin for r in window} == {at(1), at(2)}
-    assert len(window) == 3 * 2 * 2 * 2
-
-    only_a = list(storage.iter_rated("a", begin=at(3)))
-    assert {(r.scope_id, r.begin) for r in only_a} == {("a", at(3))}
-    assert len(only_a) == 4
-    assert list(storage.iter_rated("a", begin=at(2), end=at(2))) == []
-    assert list(storage.iter_rated("nobody")) == []
-
-    periods = list(storage.iter_periods(begin=at(1), end=at(2)))
-    assert [(p.scope_id, p.begin) for p in periods] == [("B", at(1)), ("a", at(1)), ("b", at(1))]
+    assert sql_rows.decimal_text(3) == format(3, "f")
 
 
 def test_iter_rated_releases_its_connection_when_closed(storage, monkeypatch):
-    monkeypatch.setattr(sql_storage, "STREAM_CHUNK", 2)
+    monkeypatch.setattr(sql_read, "STREAM_CHUNK", 2)
     storage.commit_period(make_frame("p1", 0, points=10), 0)
     pool = storage.reader_engine.pool
     gen = storage.iter_rated()
@@ -249,83 +149,6 @@ def test_iter_rated_releases_its_connection_when_closed(storage, monkeypatch):
     assert pool.checkedout() == 1
     gen.close()
     assert pool.checkedout() == 0
-
-
-# -- compare-and-set ----------------------------------------------------------
-
-def test_stale_version_raises_and_writes_nothing(storage):
-    assert storage.commit_period(make_frame("p1", 0, points=3), 0) == 1
-    before = snapshot(storage, "p1")
-    # row exists: expected 0 takes the INSERT path and hits the key
-    with pytest.raises(StaleStateError, match="p1"):
-        storage.commit_period(make_frame("p1", 1, points=3), 0)
-    with pytest.raises(StaleStateError):
-        storage.commit_period(make_frame("p1", 1, points=3), 7)
-    assert snapshot(storage, "p1") == before
-    assert storage.commit_period(make_frame("p1", 1, points=3), 1) == 2
-
-
-def test_two_commits_from_one_read_exactly_one_wins(db_url):
-    s1, s2 = SQLStorage(url=db_url), SQLStorage(url=db_url)
-    s1.upgrade()
-    try:
-        # no row yet: both read version 0
-        v1, v2 = s1.get_state("p1").version, s2.get_state("p1").version
-        assert v1 == v2 == 0
-        assert s1.commit_period(make_frame("p1", 0, points=2), v1, worker="w1") == 1
-        with pytest.raises(StaleStateError):
-            s2.commit_period(make_frame("p1", 0, points=5), v2, worker="w2")
-        # row present: both read version 1, the second writer wins this time
-        v1, v2 = s1.get_state("p1").version, s2.get_state("p1").version
-        assert s2.commit_period(make_frame("p1", 1, points=5), v2, worker="w2") == 2
-        with pytest.raises(StaleStateError):
-            s1.commit_period(make_frame("p1", 1, points=2), v1, worker="w1")
-        assert [(p.begin, p.worker, p.points) for p in s1.iter_periods("p1")] == [
-            (at(0), "w1", 2), (at(1), "w2", 5)]
-        assert count(s1, models.rated_data, "p1") == 7
-    finally:
-        s1.close()
-        s2.close()
-
-
-def test_concurrent_commits_race_exactly_one_wins(db_url):
-    """Eight connections commit the same period at once from the same read,
-    first with no state row (INSERT race), then from an existing row."""
-    workers = 8
-    stores = [SQLStorage(url=db_url) for _ in range(workers)]
-    stores[0].upgrade()
-    try:
-        for n in range(3):
-            expected = stores[0].get_state("p1").version
-            barrier = threading.Barrier(workers)
-            outcome: list = [None] * workers
-
-            def run(i, n=n, expected=expected, barrier=barrier, outcome=outcome):
-                frame = make_frame("p1", n, points=i + 1)
-                barrier.wait()
-                try:
-                    outcome[i] = stores[i].commit_period(frame, expected, worker=f"w{i}")
-                except StaleStateError:
-                    outcome[i] = "stale"
-                except Exception as e:  # noqa: BLE001 - reported below
-                    outcome[i] = repr(e)
-
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            wins = [i for i, o in enumerate(outcome) if o == expected + 1]
-            assert len(wins) == 1, outcome
-            assert outcome.count("stale") == workers - 1, outcome
-            [period] = stores[0].iter_periods("p1", begin=at(n), end=at(n + 1))
-            assert period.worker == f"w{wins[0]}"
-            assert count(stores[0], models.rated_data, "p1") == sum(
-                p.points for p in stores[0].iter_periods("p1"))
-        assert stores[0].get_state("p1").version == 3
-    finally:
-        for s in stores:
-            s.close()
 
 
 # -- atomicity ----------------------------------------------------------------
@@ -378,74 +201,6 @@ def test_commit_failing_midway_leaves_nothing(storage, failing_table, first_comm
     assert count(storage, models.rated_data, "p1") == before[1] + 3
 
 
-# -- errors and resets --------------------------------------------------------
-
-def test_record_error_keeps_state_and_version(storage):
-    storage.record_error("p1", "collector down", kind="collect")
-    state = storage.get_state("p1")
-    assert (state.last_processed, state.version) == (None, 0)
-    assert (state.last_error, state.last_error_kind) == ("collector down", "collect")
-    assert state.last_error_at is not None and state.last_error_at.tzinfo is not None
-    assert "p1" in storage.get_states()
-
-    # a row with version 0 means the same as no row: the first commit works
-    assert storage.commit_period(make_frame("p1", 0, points=1), 0) == 1
-    state = storage.get_state("p1")
-    assert (state.last_processed, state.version, state.last_error) == (at(0), 1, None)
-
-    storage.record_error("p1", "x" * 10_000)
-    state = storage.get_state("p1")
-    assert (state.last_processed, state.version) == (at(0), 1)
-    assert state.last_error.startswith("xxx")
-    assert len(state.last_error) <= sql_storage.MAX_ERROR_LENGTH
-    assert state.last_error_kind == "error"
-    assert storage.commit_period(make_frame("p1", 1), 1) == 2
-
-
-def test_reset_state_deletes_from_to_and_fences_old_version(storage):
-    v = 0
-    for n in range(4):
-        v = storage.commit_period(make_frame("p1", n, points=2), v)
-    storage.commit_period(make_frame("other", 3, points=2), 0)
-    assert v == 4
-
-    storage.reset_state("p1", at(2), 3600)
-    state = storage.get_state("p1")
-    assert (state.last_processed, state.version) == (at(1), 5)
-    assert {r.begin for r in storage.iter_rated("p1")} == {at(0), at(1)}
-    assert [p.begin for p in storage.iter_periods("p1")] == [at(0), at(1)]
-    assert count(storage, models.rated_data, "other") == 2  # other scopes untouched
-
-    with pytest.raises(StaleStateError):
-        storage.commit_period(make_frame("p1", 2, points=1), 4)
-    assert storage.commit_period(make_frame("p1", 2, points=1), 5) == 6
-
-    storage.reset_state("p1", None, 3600)
-    state = storage.get_state("p1")
-    assert (state.last_processed, state.version) == (None, 7)
-    assert list(storage.iter_rated("p1")) == [] and list(storage.iter_periods("p1")) == []
-
-    # a scope never seen: a worker that read "no row" (version 0) is fenced
-    storage.reset_state("new", at(5), 3600)
-    assert storage.get_state("new").last_processed == at(4)
-    with pytest.raises(StaleStateError):
-        storage.commit_period(make_frame("new", 5), 0)
-    assert storage.commit_period(make_frame("new", 5), storage.get_state("new").version)
-
-
-def test_get_states(storage):
-    storage.commit_period(make_frame("p1", 0), 0)
-    storage.record_error("p2", "boom")
-    assert set(storage.get_states()) == {"p1", "p2"}
-    states = storage.get_states(["p3", "p1"])
-    assert list(states) == ["p3", "p1"]
-    assert (states["p3"].last_processed, states["p3"].version) == (None, 0)
-    assert states["p1"].version == 1
-    many = [f"s{i}" for i in range(1200)] + ["p1"]  # more than one IN chunk
-    assert storage.get_states(many)["p1"].version == 1
-    assert len(storage.get_states(many)) == 1201
-
-
 # -- schema -------------------------------------------------------------------
 
 def test_check_schema_and_upgrade(db_url):
@@ -472,6 +227,26 @@ def test_models_match_migrations(storage):
     with storage.engine.connect() as connection:
         ctx = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(ctx, models.metadata) == []
+
+
+def test_migration_0002_keeps_existing_data(db_url):
+    """An 0001 database with rated data upgrades to 0002 in place."""
+    storage = SQLStorage(url=db_url)
+    try:
+        config = alembic_config(storage.url)
+        with storage.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+        assert storage.current_revision() == "0001"
+        storage.commit_period(make_frame("p1", 0, points=2), 0)
+        storage.upgrade()
+        assert storage.current_revision() == "0002"
+        assert len(list(storage.iter_rated("p1"))) == 2
+        assert storage.list_tasks() == []
+        with storage.engine.connect() as connection:
+            assert sa.inspect(connection).has_table("reprocess_task")
+    finally:
+        storage.close()
 
 
 # -- bulk insert ------------------------------------------------------------
@@ -508,7 +283,7 @@ def test_rated_rows_are_one_bulk_insert(storage, monkeypatch):
 
     storage.commit_period(make_frame("p1", 0, points=1), 0)  # warm up
     calls: list = []
-    if storage.is_sqlite:  # plain sqlite3 calls there (see _commit_period_sqlite)
+    if storage.is_sqlite:  # plain sqlite3 calls there (see storage/sqlite_fast.py)
         spy = _CallSpy(storage._sqlite_writer(), calls)
         monkeypatch.setattr(storage, "_sqlite_writer", lambda: spy)
     sa.event.listen(storage.engine, "before_cursor_execute", watch)
@@ -560,8 +335,6 @@ def test_sqlite_writer_waits_for_the_write_lock_with_its_own_sleep(sqlite_url, m
     fails with 'database is locked' and nothing is written."""
     import sqlite3
 
-    from cloudkitty_proc.storage import sql as sql_mod
-
     storage = SQLStorage(url=sqlite_url)
     storage.upgrade()
     other = sqlite3.connect(sa.make_url(sqlite_url).database, timeout=0,
@@ -580,7 +353,7 @@ def test_sqlite_writer_waits_for_the_write_lock_with_its_own_sleep(sqlite_url, m
         assert len(pauses) == 5 and pauses == sorted(pauses) and pauses[0] < 0.001
         assert storage.get_state("p1").version == 1
 
-        monkeypatch.setattr(sql_mod, "SQLITE_BUSY_TIMEOUT", 0.05)
+        monkeypatch.setattr(sql_engines, "SQLITE_BUSY_TIMEOUT", 0.05)
         storage.sleep = time.sleep
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(sa.exc.OperationalError, match="locked"):
@@ -601,9 +374,7 @@ def test_sqlite_wal_is_checkpointed_by_a_thread_not_by_commits(sqlite_url, monke
     import os
     import threading
 
-    from cloudkitty_proc.storage import sql as sql_mod
-
-    monkeypatch.setattr(sql_mod, "WAL_CHECKPOINT_INTERVAL", 0.05)
+    monkeypatch.setattr(sqlite_fast, "WAL_CHECKPOINT_INTERVAL", 0.05)
     storage = SQLStorage(url=sqlite_url)
     storage.upgrade()
     path = sa.make_url(sqlite_url).database
