@@ -20,16 +20,26 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from oslo_config import cfg
 
-from cloudkitty_proc.exceptions import ConfigError
+from cloudkitty_proc.exceptions import CloudKittyProcError, ConfigError
 from cloudkitty_proc.log import mask_url
 
 
-def start_coordinator(conf: cfg.ConfigOpts, member_id: str) -> Any:
+class CoordinationError(CloudKittyProcError):
+    """The coordination backend cannot be used (down, refusing the login …)."""
+
+
+#: how long starting the coordinator may take (seconds)
+START_TIMEOUT = 15.0
+
+
+def start_coordinator(conf: cfg.ConfigOpts, member_id: str,
+                      timeout: float = START_TIMEOUT) -> Any:
     """A started tooz coordinator (heartbeat thread running) for
     ``[orchestrator] coordination_url``; ``file://`` directories are created."""
     # tooz is imported in workers only: the master process never loads it
@@ -39,9 +49,28 @@ def start_coordinator(conf: cfg.ConfigOpts, member_id: str) -> Any:
     check_url(url)
     if url.startswith("file://"):
         os.makedirs(url[len("file://"):].split("?", 1)[0], mode=0o700, exist_ok=True)
-    coord = coordination.get_coordinator(url, member_id.encode())
-    coord.start(start_heart=True)
-    return coord
+    box: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            coord = coordination.get_coordinator(url, member_id.encode())
+            coord.start(start_heart=True)
+            box["coordinator"] = coord
+        except Exception as exc:  # noqa: BLE001 - the backend down, refusing us, …
+            box["error"] = exc
+
+    # some drivers retry a refused connection for a minute or more (redis-py
+    # 8 does): a worker would then hang at start, and --oneshot with it
+    thread = threading.Thread(target=start, daemon=True, name="tooz-start")
+    thread.start()
+    thread.join(timeout)
+    where = f"[orchestrator] coordination_url {mask_url(url)}"
+    if thread.is_alive():
+        raise CoordinationError(f"{where}: no answer within {timeout:g} s")
+    if "error" in box:
+        exc = box["error"]
+        raise CoordinationError(f"{where}: {type(exc).__name__}: {mask_url(exc)}")
+    return box["coordinator"]
 
 
 def check_url(url: str) -> None:

@@ -32,7 +32,7 @@ from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc import plugins, schedule
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.executor import make_executor
-from cloudkitty_proc.leases import start_coordinator
+from cloudkitty_proc.leases import CoordinationError, start_coordinator
 from cloudkitty_proc.log import mask_url
 from cloudkitty_proc.supervision import RunStatus, start_backoff
 from cloudkitty_proc.telemetry import Heartbeats, Telemetry
@@ -148,7 +148,7 @@ class Orchestrator(cotyledon.Service):
         """Setup failed: tell the master (its crash-loop guard stops the
         daemon after supervision.MAX_START_FAILURES of these in a row),
         wait a little longer each time, and exit: cotyledon respawns us."""
-        message = str(exc) if isinstance(exc, ConfigError) else \
+        message = str(exc) if isinstance(exc, (ConfigError, CoordinationError)) else \
             f"{type(exc).__name__}: {exc}"
         message = mask_url(message)
         LOG.error("worker %s cannot start: %s", self.worker_name, message)

@@ -97,7 +97,8 @@ class Failures:
         try:
             self.storage.record_error(scope_id, message, kind)
         except Exception as err:  # the DB itself may be what failed
-            self.unrecorded(log, scope_id, f"cannot record the error: {mask_url(err)}")
+            first_line = (mask_url(err).strip().splitlines() or [type(err).__name__])[0]
+            self.unrecorded(log, scope_id, f"cannot record the error: {first_line}")
 
     def unrecorded(self, log: ContextLogger, scope_id: str, message: str) -> None:
         """A failure of ``scope_id`` that the storage could not keep."""

@@ -47,7 +47,7 @@ from typing import Any
 from oslo_config import cfg
 
 from cloudkitty_proc import leases, schedule, utils
-from cloudkitty_proc.fetchers.base import FetchError
+from cloudkitty_proc.fetchers.base import FetchError, usable_scopes
 from cloudkitty_proc.log import ContextLogger, mask_url
 from cloudkitty_proc.lookahead import AheadPlan, AheadScope, LookAhead
 from cloudkitty_proc.pipeline import (Failures, Feed, PeriodCommitter, Pipeline,
@@ -123,6 +123,8 @@ class Worker:
         self.lookahead = LookAhead(coordinator, self.log, next_scope=self._next_ahead,
                                    plan=self._plan_ahead)
         self._pass: _Pass | None = None
+        #: scope ids refused (too long), logged once each
+        self._refused_scopes: set[str] = set()
 
     @property
     def collector(self) -> Any:
@@ -137,7 +139,7 @@ class Worker:
     def run_pass(self) -> PassResult:
         result = PassResult()
         try:
-            scopes = self.fetcher.get_scopes()
+            scopes = usable_scopes(self.fetcher.get_scopes(), self._refused_scopes, self.log)
             self._known_scopes = scopes
         except FetchError as exc:
             self.log.error("cannot list scopes, using the %d known ones: %s",

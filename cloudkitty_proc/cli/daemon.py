@@ -68,7 +68,9 @@ def _check_plugins() -> None:
             plugin = load(CONF)
         except ConfigError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a plugin refusing its options
+        except ValueError as exc:  # a plugin refusing an option names it
+            raise ConfigError(mask_url(str(exc))) from None
+        except Exception as exc:  # noqa: BLE001
             raise ConfigError(mask_url(f"{type(exc).__name__}: {exc}")) from None
         plugin.close()
     leases.check_url(CONF.orchestrator.coordination_url)

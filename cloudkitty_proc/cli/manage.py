@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from oslo_config import cfg
 from rich.console import Console
 
-from cloudkitty_proc import control, plugins, quote, report, schedule, utils
+from cloudkitty_proc import control, leases, plugins, quote, report, schedule, utils
 from cloudkitty_proc.cli import common
 from cloudkitty_proc.exceptions import (CollectError, ConfigError, InvalidRequestError,
                                         RatingError, SchemaError)
@@ -340,6 +341,11 @@ def cmd_check() -> int:
                 raise ConfigError(str(exc)) from None
     finally:
         collector.close()
+    plugins.load_fetcher(CONF).close()
+    try:  # what a worker does at start: a backend down or refusing us shows here
+        leases.start_coordinator(CONF, f"check-{os.getpid()}").stop()
+    except leases.CoordinationError as exc:
+        raise ConfigError(str(exc)) from None
     print(f"ok: {len(metrics)} metric definitions ({', '.join(metrics.usage_types())}), "
           f"rating: {', '.join(CONF.rating.processors)}")
     return 0

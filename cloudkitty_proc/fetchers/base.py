@@ -22,7 +22,12 @@ from oslo_config import cfg
 
 from cloudkitty_proc.exceptions import CloudKittyProcError
 
-__all__ = ["BaseFetcher", "FetchError", "Fetcher"]
+__all__ = ["BaseFetcher", "FetchError", "Fetcher", "MAX_SCOPE_ID_LENGTH", "usable_scopes"]
+
+#: the longest scope id (characters): the width of the storage's scope
+#: columns (CloudKitty's too). A longer id is left out of every pass with an
+#: error naming it, once per process, instead of failing every commit.
+MAX_SCOPE_ID_LENGTH = 255
 
 
 class FetchError(CloudKittyProcError):
@@ -72,3 +77,17 @@ class BaseFetcher(abc.ABC):
 
     def close(self) -> None:
         """Release connections (called when the worker stops)."""
+
+
+def usable_scopes(scopes: list[str], refused: set[str], log) -> list[str]:
+    """``scopes`` without the ids longer than ``MAX_SCOPE_ID_LENGTH``; each
+    one left out is logged once (``refused`` remembers them)."""
+    out = []
+    for scope in scopes:
+        if len(scope) <= MAX_SCOPE_ID_LENGTH:
+            out.append(scope)
+        elif scope not in refused:
+            refused.add(scope)
+            log.error("scope id %r… (%d characters) is longer than %d: left out",
+                      scope[:40], len(scope), MAX_SCOPE_ID_LENGTH)
+    return out
