@@ -28,6 +28,11 @@ the latency bound assumes: request read -> reply written. The header lines
 of a request (the same for every request of a client) are parsed once per
 distinct block, and a reply head is one ``bytes`` format.
 
+Not the tests' fake (``tests/fakes/prometheus.py``, a threaded server
+whose replies come from blocking callbacks): that one is flexible, this
+one is tuned for measurement, and the tests' server costs two to three
+times the CPU per query (``compare_fakes.py``, README).
+
 Endpoints:
 
 ``GET|POST /api/v1/query``          the query above (``query``, ``time``)

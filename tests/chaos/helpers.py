@@ -1,193 +1,28 @@
-"""Tools of the chaos suite: a Prometheus played from an OpenMetrics file
-(with latency and fault hooks), the daemon's worker processes, restarts of
-the real services, bounded waits.
+"""Tools of the chaos suite: config fragments, the daemon's worker
+processes, restarts of the real services, bounded waits. The Prometheus the
+daemons query is the tests' fake, ``tests.fakes.prometheus.DatasetPrometheus``
+(answers from the dataset, with latency and fault hooks).
 
 Everything listens on and connects to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
-import datetime
-import http.server
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-import urllib.parse
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import psutil
 
 from tests import daemon, datagen
-
-UTC = datetime.timezone.utc
-
-
-# --------------------------------------------------------------------------
-# A Prometheus answering from an OpenMetrics file
-# --------------------------------------------------------------------------
-
-_SELECTOR = re.compile(r'(\w+)\{project_id="((?:[^"\\]|\\.)*)"\}\[(\d+)s\]')
-
-
-def _make_conf(**groups):
-    from oslo_config import cfg
-
-    import cloudkitty_proc.conf as ckconf
-
-    conf = cfg.ConfigOpts()
-    ckconf.register_opts(conf)
-    conf([], project="cloudkitty-proc", default_config_files=[])
-    for group, options in groups.items():
-        for name, value in options.items():
-            conf.set_override(name, value, group)
-    return conf
-
-
-class Query:
-    """One instant query as the fake server understood it."""
-
-    __slots__ = ("metric", "scope", "begin", "end", "attempt")
-
-    def __init__(self, metric: str, scope: str, begin: datetime.datetime,
-                 end: datetime.datetime, attempt: int) -> None:
-        self.metric = metric
-        self.scope = scope
-        self.begin = begin
-        self.end = end
-        self.attempt = attempt  # 1 for the first request of this query
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.scope, self.begin.isoformat(), self.metric)
-
-
-class FilePrometheus:
-    """``/api/v1/query`` answered with what the file collector computes for
-    the same samples (so the export can be checked with datagen), plus:
-
-    * ``delay``: seconds every query takes (a slow backend);
-    * ``fault(query) -> action``: ``None`` (answer normally),
-      ``("reply", status, body)``, ``("sleep", seconds)`` (then answer),
-      ``("hold", event)`` (answer once the event is set) or ``("close",)``
-      (hang up without a reply).
-
-    ``requests[key]`` lists the arrival times (monotonic) of every request
-    of one query (scope, period begin, metric name).
-    """
-
-    def __init__(self, om_path: Path, metrics_yml: Path, *, delay: float = 0.0,
-                 fault=None) -> None:
-        from cloudkitty_proc.collectors.file import FileCollector
-        from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, load_metrics_conf
-
-        mconf = load_metrics_conf(str(metrics_yml), scope_key="project_id",
-                                  extra_args_schema=PROMQL_EXTRA_ARGS)
-        self._file = FileCollector(_make_conf(collector_file={"path": str(om_path)}), mconf)
-        self._metrics = {m.name: m for m in mconf}
-        self.delay = delay
-        self.fault = fault
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-        self.total = 0
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                parsed = urllib.parse.urlsplit(self.path)
-                if parsed.path == "/api/v1/status/buildinfo":
-                    return self._send(200, {"status": "success", "data": {"version": "fake"}})
-                params = dict(urllib.parse.parse_qsl(parsed.query))
-                query = fake._parse(params)
-                if query is None:
-                    return self._send(400, {"status": "error", "errorType": "bad_data",
-                                            "error": f"cannot parse {params!r}"})
-                action = fake.fault(query) if fake.fault else None
-                if fake.delay:
-                    time.sleep(fake.delay)
-                if action is not None:
-                    if action[0] == "reply":
-                        return self._send(action[1], action[2])
-                    if action[0] == "sleep":
-                        time.sleep(action[1])
-                    elif action[0] == "hold":
-                        action[1].wait(120)
-                    elif action[0] == "close":
-                        self.close_connection = True
-                        try:
-                            self.connection.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
-                        return None
-                self._send(200, fake._answer(query))
-                return None
-
-            def _send(self, status, body):
-                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(raw)))
-                    self.end_headers()
-                    self.wfile.write(raw)
-                except OSError:  # the client timed out and hung up
-                    self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-            def handle_error(self, request, client_address):
-                if not isinstance(sys.exc_info()[1], OSError):
-                    super().handle_error(request, client_address)
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                        daemon=True, name="file-prometheus")
-
-    def _parse(self, params: dict) -> Query | None:
-        m = _SELECTOR.search(params.get("query", ""))
-        if m is None or "time" not in params or m.group(1) not in self._metrics:
-            return None
-        end = datetime.datetime.fromisoformat(params["time"].replace("Z", "+00:00"))
-        begin = end - datetime.timedelta(seconds=int(m.group(3)))
-        scope = m.group(2).replace('\\"', '"').replace("\\\\", "\\")
-        with self.lock:
-            key = (scope, begin.isoformat(), m.group(1))
-            self.requests[key].append(time.monotonic())
-            self.total += 1
-            attempt = len(self.requests[key])
-        return Query(m.group(1), scope, begin, end, attempt)
-
-    def _answer(self, query: Query) -> dict:
-        metric = self._metrics[query.metric]
-        series = self._file.fetch(metric, query.scope, query.begin, query.end)
-        ts = query.end.timestamp()
-        return {"status": "success", "data": {"resultType": "vector", "result": [
-            {"metric": dict(labels), "value": [ts, value]} for labels, value in series]}}
-
-    def __enter__(self) -> FilePrometheus:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def ini(*parts: str) -> str:

@@ -21,6 +21,7 @@ import pytest
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 from tests.chaos import helpers
+from tests.fakes.prometheus import DatasetPrometheus
 
 LEASE = 3  # lock_timeout of the redis and etcd URLs, seconds
 
@@ -40,8 +41,8 @@ def test_oneshot_two_workers_exactly_once(tmp_path, sqlite_url, coordination_url
     om.write_text(ds.openmetrics)
     metrics_yml = tmp_path / "metrics.yml"
     metrics_yml.write_text(datagen.METRICS_YML)
-    # 30 ms per query, 2 in flight per worker: both workers get a share
-    with helpers.FilePrometheus(om, metrics_yml, delay=0.03) as prom:
+    # 70 ms per query, 2 in flight per worker: both workers get a share
+    with DatasetPrometheus(om, metrics_yml, delay=0.07) as prom:
         conf = helpers.prepare(tmp_path, sqlite_url, ds, workers=2, collector="prometheus",
                                extra=helpers.ini(f"""
             [orchestrator]

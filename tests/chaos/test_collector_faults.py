@@ -19,6 +19,7 @@ import socket
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 from tests.chaos import helpers
+from tests.fakes.prometheus import DatasetPrometheus
 
 HOUR = datetime.timedelta(hours=1)
 RETRIES = 2
@@ -66,9 +67,9 @@ def test_each_collector_fault_is_retried_isolated_and_reported(tmp_path, sqlite_
         if kind == "not_json":
             return ("reply", 200, b'{"status": "success", "data": {"resu')
         if kind == "nan":
-            return ("reply", 200, _with_value(prom._answer(q), "NaN"))
+            return ("reply", 200, _with_value(prom.answer(q), "NaN"))
         if kind == "negative":
-            return ("reply", 200, _with_value(prom._answer(q), "-5"))
+            return ("reply", 200, _with_value(prom.answer(q), "-5"))
         return ("reply", 200, {"status": "error", "errorType": "execution",
                                "error": "query processing would load too many samples"})
 
@@ -76,7 +77,7 @@ def test_each_collector_fault_is_retried_isolated_and_reported(tmp_path, sqlite_
     om.write_text(ds.openmetrics)
     metrics_yml = tmp_path / "metrics.yml"
     metrics_yml.write_text(datagen.METRICS_YML)
-    with helpers.FilePrometheus(om, metrics_yml, fault=fault) as prom:
+    with DatasetPrometheus(om, metrics_yml, fault=fault) as prom:
         conf = helpers.prepare(tmp_path, sqlite_url, ds, workers=1, collector="prometheus",
                                extra=helpers.prometheus_collector_conf(
                                    prom.url, timeout=TIMEOUT, retries=RETRIES,
@@ -96,7 +97,7 @@ def test_each_collector_fault_is_retried_isolated_and_reported(tmp_path, sqlite_
             assert f"after {RETRIES + 1} attempts" in st["last_error"], (name, st)
             assert f"scope {scope} failed" in out
             # retries + 1 requests, with exponential backoff between them
-            times = prom.requests[(scope, failing_begin.isoformat(), FAILING_METRIC)]
+            times = prom.queries[(scope, failing_begin.isoformat(), FAILING_METRIC)]
             assert len(times) == RETRIES + 1, (name, len(times))
             gaps = [b - a for a, b in zip(times, times[1:])]
             assert gaps[0] >= 0.5 * 0.9 and gaps[1] >= 1.0 * 0.9, (name, gaps)

@@ -20,6 +20,7 @@ import psutil
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 from tests.chaos import helpers
+from tests.fakes.prometheus import DatasetPrometheus
 
 N_SCOPES = 50
 HOURS = 48
@@ -99,7 +100,7 @@ RESTART_AFTER_KILL = {6: "redis", 12: "rabbitmq", 18: "postgresql"}
 
 def test_chaos_kills_and_service_restarts(tmp_path, pg_url, redis_url, amqp_url):
     """Acceptance 2: the same two-daemon run, slowed down by a Prometheus
-    that answers in 50 ms with 2 concurrent queries per worker, while 22
+    that answers in 90 ms with 2 concurrent queries per worker, while 22
     workers are SIGKILLed at random (cotyledon respawns them) and Redis
     (every lock lost), RabbitMQ and PostgreSQL are each restarted once.
 
@@ -113,7 +114,7 @@ def test_chaos_kills_and_service_restarts(tmp_path, pg_url, redis_url, amqp_url)
     metrics_yml = tmp_path / "metrics.yml"
     metrics_yml.write_text(datagen.METRICS_YML)
     rng = random.Random(2026)
-    with helpers.FilePrometheus(om, metrics_yml, delay=0.05) as prom:
+    with DatasetPrometheus(om, metrics_yml, delay=0.09) as prom:
         extra = helpers.ini("""
             [orchestrator]
             max_greenthreads = 2

@@ -30,6 +30,7 @@ from cloudkitty_proc.leases import lock_name
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 from tests.chaos import helpers
+from tests.fakes.prometheus import DatasetPrometheus
 
 HOUR = datetime.timedelta(hours=1)
 LOCK_TIMEOUT = 3
@@ -62,7 +63,7 @@ def test_worker_paused_past_its_lease_cannot_commit(tmp_path, pg_url, redis_url)
     namespace = coordination.rsplit("namespace=", 1)[1]
     lock_key = namespace.encode() + b"_" + lock_name(scope) + b"_lock"
     redis_client = redis.Redis.from_url(redis_url)
-    with helpers.FilePrometheus(om, metrics_yml, fault=fault) as prom:
+    with DatasetPrometheus(om, metrics_yml, fault=fault) as prom:
         extra = helpers.ini(f"""
             [orchestrator]
             coordination_url = {coordination}

@@ -17,6 +17,7 @@ import redis
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 from tests.chaos import helpers
+from tests.fakes.prometheus import DatasetPrometheus
 
 HOUR = datetime.timedelta(hours=1)
 #: two queries in flight per worker: runs last seconds, not a blink
@@ -55,7 +56,7 @@ def _assert_whole_periods(ds, conf, db_url):
 def test_sigterm_stops_between_periods_and_restart_completes(tmp_path, sqlite_url):
     ds = datagen.generate(n_scopes=4, hours=24, seed=51, scope_prefix="term-")
     om, metrics_yml = _files(tmp_path, ds)
-    with helpers.FilePrometheus(om, metrics_yml, delay=0.1) as prom:
+    with DatasetPrometheus(om, metrics_yml, delay=0.14) as prom:
         extra = helpers.ini(SLOW, helpers.prometheus_collector_conf(prom.url))
         conf = helpers.prepare(tmp_path, sqlite_url, ds, workers=2, collector="prometheus",
                                extra=extra)
@@ -72,7 +73,7 @@ def test_sigterm_stops_between_periods_and_restart_completes(tmp_path, sqlite_ur
             helpers.kill_tree(proc)
         log = helpers.read_log(tmp_path / "daemon.log")
         assert code == 0, log[-3000:]
-        # the periods in flight (0.1 s per query) finish well within the
+        # the periods in flight (0.14 s per query) finish well within the
         # graceful_shutdown_timeout (20 s)
         assert stop_seconds < 10, stop_seconds
         assert "Graceful shutdown timeout" not in log
@@ -104,7 +105,7 @@ def test_sigterm_abandons_a_hung_period_within_the_timeout(tmp_path, sqlite_url,
     coordination = helpers.redis_coordination(redis_url, lock_timeout=60)
     namespace = coordination.rsplit("namespace=", 1)[1]
     redis_client = redis.Redis.from_url(redis_url)
-    with helpers.FilePrometheus(om, metrics_yml, fault=fault) as prom:
+    with DatasetPrometheus(om, metrics_yml, fault=fault) as prom:
         conf = helpers.prepare(tmp_path, sqlite_url, ds, workers=1, collector="prometheus",
                                extra=helpers.ini(f"""
                                    [DEFAULT]
@@ -146,7 +147,7 @@ def test_sigterm_abandons_a_hung_period_within_the_timeout(tmp_path, sqlite_url,
 def test_killed_worker_is_respawned_and_its_scopes_resume(tmp_path, sqlite_url):
     ds = datagen.generate(n_scopes=4, hours=24, seed=53, scope_prefix="respawn-")
     om, metrics_yml = _files(tmp_path, ds)
-    with helpers.FilePrometheus(om, metrics_yml, delay=0.05) as prom:
+    with DatasetPrometheus(om, metrics_yml, delay=0.09) as prom:
         extra = helpers.ini(SLOW, helpers.prometheus_collector_conf(prom.url))
         conf = helpers.prepare(tmp_path, sqlite_url, ds, workers=2, collector="prometheus",
                                extra=extra)
@@ -191,7 +192,7 @@ def test_a_scope_months_behind_does_not_starve_the_others(tmp_path, sqlite_url):
     big, others = ds.scopes[0], ds.scopes[1:]
     om, metrics_yml = _files(tmp_path, ds)
     far_begin = ds.begin - datetime.timedelta(days=90)
-    with helpers.FilePrometheus(om, metrics_yml, delay=0.02) as prom:
+    with DatasetPrometheus(om, metrics_yml, delay=0.06) as prom:
         extra = helpers.ini(SLOW, """
             [orchestrator]
             max_periods_per_lock = 4

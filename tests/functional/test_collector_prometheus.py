@@ -223,70 +223,7 @@ def test_fetcher_returns_project_ids(usage_file, prom_url):
 EMPTY_VECTOR = {"status": "success", "data": {"resultType": "vector", "result": []}}
 
 
-class FakePrometheus:
-    """Threaded HTTP/1.1 server; ``reply(handler) -> (status, body)``."""
-
-    def __init__(self, reply=None, delay: float = 0.0) -> None:
-        self.reply = reply or (lambda handler: (200, EMPTY_VECTOR))
-        self.delay = delay
-        self.requests: list[dict] = []
-        self.active = 0
-        self.max_active = 0
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                with fake.lock:
-                    fake.active += 1
-                    fake.max_active = max(fake.max_active, fake.active)
-                    parsed = urllib.parse.urlsplit(self.path)
-                    fake.requests.append({
-                        "path": parsed.path,
-                        "params": dict(urllib.parse.parse_qsl(parsed.query)),
-                        "headers": dict(self.headers),
-                        "client": self.client_address,
-                    })
-                try:
-                    if fake.delay:
-                        time.sleep(fake.delay)
-                    status, body = fake.reply(self)
-                    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(raw)))
-                    self.end_headers()
-                    self.wfile.write(raw)
-                finally:
-                    with fake.lock:
-                        fake.active -= 1
-
-            def log_message(self, *args):
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 128
-
-            def handle_error(self, request, client_address):
-                # A client that timed out and hung up is expected here.
-                if not isinstance(sys.exc_info()[1], ConnectionError):
-                    super().handle_error(request, client_address)
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+from tests.fakes.prometheus import FakePrometheus  # noqa: E402
 
 
 def fake_collector(url, **options):

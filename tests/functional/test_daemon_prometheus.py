@@ -4,14 +4,15 @@ backfilled (promtool) from the same OpenMetrics data the file collector reads.
 
 from __future__ import annotations
 
-import http.server
-import threading
+import datetime
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
 
 from tests import daemon, datagen
+from tests.fakes.prometheus import FakePrometheus
 from tests.prometheus_server import running_prometheus
 
 
@@ -30,54 +31,36 @@ def prom_url(dataset, tmp_path_factory):
 
 
 class FailingProxy:
-    """Forwards queries to Prometheus, but answers 500 to the queries of one
-    scope for periods ending after ``fail_from`` while ``broken`` is set."""
+    """The tests' fake Prometheus forwarding queries to ``upstream``, but
+    answering 500 to the queries of one scope for periods ending after
+    ``fail_after_ts`` while ``broken`` is set."""
 
     def __init__(self, upstream: str, scope: str, fail_after_ts: float) -> None:
         self.upstream = upstream
+        self.scope = scope
+        self.fail_after_ts = fail_after_ts
         self.broken = True
         self.failed = 0
-        proxy = self
+        self.fake = FakePrometheus(self._reply).__enter__()
+        self.url = self.fake.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                from urllib.parse import parse_qs, urlsplit
-                params = parse_qs(urlsplit(self.path).query)
-                query = params.get("query", [""])[0]
-                ts = params.get("time", [""])[0]
-                import datetime as _dt
-                t = _dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if ts else 0
-                if proxy.broken and f'project_id="{scope}"' in query and t > fail_after_ts:
-                    proxy.failed += 1
-                    body = b'{"status":"error","errorType":"internal","error":"boom"}'
-                    self.send_response(500)
-                else:
-                    try:
-                        with urllib.request.urlopen(proxy.upstream + self.path, timeout=30) as r:
-                            body = r.read()
-                            self.send_response(r.status)
-                    except urllib.error.HTTPError as e:
-                        body = e.read()
-                        self.send_response(e.code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 128
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _reply(self, handler):
+        params = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+        query = params.get("query", [""])[0]
+        ts = params.get("time", [""])[0]
+        t = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if ts else 0
+        if self.broken and f'project_id="{self.scope}"' in query and t > self.fail_after_ts:
+            with self.fake.lock:
+                self.failed += 1
+            return 500, b'{"status":"error","errorType":"internal","error":"boom"}'
+        try:
+            with urllib.request.urlopen(self.upstream + handler.path, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.fake.__exit__(None, None, None)
 
 
 def _conf(tmp_path, db_url, ds, url, name="ckp.conf"):
