@@ -59,7 +59,7 @@ from typing import Any
 
 from cloudkitty_proc import __version__
 from cloudkitty_proc.http.connection import (MAX_BODY, Origin, Stale, decode, read_body,
-                                             tree)
+                                             send_request, tree)
 from cloudkitty_proc.http.environ import basic_auth, idna_host, tls_context
 from cloudkitty_proc.http.errors import (BadReply, ConnectionFailed, Timeout,
                                          TooManyRedirects, TransportError, read_error)
@@ -282,9 +282,8 @@ class Transport:
         conn.last_io = None
         conn.deadline = deadline
         try:
-            conn.timeout = max(deadline - _monotonic(), 0.001)   # sending
-            conn.request(method, target, body=body, headers=headers)
-            conn._response_options = None
+            conn.sock.settimeout(max(deadline - _monotonic(), 0.001))   # sending
+            send_request(conn, method, target, body, headers)
             resp = http.client.HTTPConnection.getresponse(conn)
             status = resp.status
             body_bytes = read_body(resp)

@@ -28,7 +28,7 @@ from cloudkitty_proc.http.errors import BadReply, connect_error
 #: bound on a reply body, as sent and once decompressed
 MAX_BODY = 256 * 1024 * 1024
 #: bytes read from a socket at a time
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 16 * 1024
 _monotonic = time.monotonic
 
 
@@ -172,6 +172,23 @@ class _Response(http.client.HTTPResponse):
             if self.status == 101:
                 raise http.client.HTTPException("unexpected 101 Switching Protocols")
             self.headers = self.msg = None
+
+
+_putheader = http.client.HTTPConnection.putheader
+
+
+def send_request(conn: Any, method: str, target: str, body: bytes | None,
+                 headers: Any) -> None:
+    """Write a request on ``conn`` with ``http.client``'s request methods
+    (urllib3's ``request()`` adds per-call work we do not need: its
+    response options, header-name sets, body chunking): the request line
+    and Host, ``headers`` as given, Content-Length with a body."""
+    conn.putrequest(method, target, skip_accept_encoding=True)
+    for name, value in headers.items():
+        _putheader(conn, name, value)
+    if body is not None:
+        _putheader(conn, "Content-Length", str(len(body)))
+    conn.endheaders(body)
 
 
 # -- the idle connections of one origin ------------------------------------------
