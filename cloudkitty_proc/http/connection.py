@@ -49,13 +49,14 @@ _TREES_LOCK = threading.Lock()
 
 
 def tree(green: bool) -> Tree:
-    tree = _TREES.get(green)
-    if tree is None:
+    """The green or the plain urllib3 (each imported once per process)."""
+    found = _TREES.get(green)
+    if found is None:
         with _TREES_LOCK:
-            tree = _TREES.get(green)
-            if tree is None:
-                tree = _TREES[green] = Tree(_green_urllib3() if green else _plain_urllib3())
-    return tree
+            found = _TREES.get(green)
+            if found is None:
+                found = _TREES[green] = Tree(_green_urllib3() if green else _plain_urllib3())
+    return found
 
 
 def _plain_urllib3() -> Any:
@@ -236,23 +237,24 @@ class Origin:
             conn.close()
 
     def connect(self, deadline: float, timeout: float) -> Any:
-        tree = self.tree
+        """A new connection (TLS and tunnel included); TransportError."""
+        classes = self.tree
         proxy = self.proxy
         host, port = (proxy.host, proxy.port) if proxy else (self.host, self.port)
         left = max(deadline - _monotonic(), 0.001)
         if self.scheme == "https":
-            conn = tree.HTTPS(host, port, timeout=left, ssl_context=self.context,
+            conn = classes.HTTPS(host, port, timeout=left, ssl_context=self.context,
                               assert_hostname=False if self.insecure else None)
             if proxy:
                 conn.set_tunnel(self.host, self.port, headers=proxy.headers)
         else:
-            conn = tree.HTTP(host, port, timeout=left)
+            conn = classes.HTTP(host, port, timeout=left)
         conn.deadline = deadline
         try:
             conn.connect()
         except Exception as exc:  # noqa: BLE001 - classified below
             conn.close()
-            raise connect_error(exc, tree, timeout, proxy) from None
+            raise connect_error(exc, classes, timeout, proxy) from None
         return conn
 
     def close(self) -> None:

@@ -187,8 +187,15 @@ def site(prom_url, cert, tmp_path_factory):
         yield s
 
 
-def log_since(site, mark):
-    return access_log(site.work)[mark:]
+def log_since(site, mark, count):
+    """The access log lines after the first ``mark``, once there are
+    ``count`` of them (nginx logs a request after its reply is sent)."""
+    deadline = time.monotonic() + 10
+    while True:
+        log = access_log(site.work)[mark:]
+        if len(log) >= count or time.monotonic() > deadline:
+            return log
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("executor", ["greenpool", "threads"])
@@ -199,7 +206,7 @@ def test_through_nginx_gzip_keep_alive_and_path_prefix(site, expected, executor)
         assert answers(coll) == expected
     finally:
         coll.close()
-    log = log_since(site, mark)
+    log = log_since(site, mark, len(expected))
     assert len(log) == len(expected)
     assert {status for _, _, status, _, _ in log} == {200}
     assert {encoding for _, _, _, encoding, _ in log} == {"gzip"}
@@ -231,11 +238,12 @@ def test_redirects_are_followed(site, expected, cert, path, codes, caplog):
     caplog.set_level(logging.WARNING, "cloudkitty_proc.http")
     coll = collector(site.http + path, prometheus_user=USER, prometheus_password=PASSWORD,
                      cafile=str(cert[0]))
+    want = {k: v for k, v in expected.items() if k[2] == 1}
     try:
-        assert answers(coll, queries=[1]) == {k: v for k, v in expected.items() if k[2] == 1}
+        assert answers(coll, queries=[1]) == want
     finally:
         coll.close()
-    log = log_since(site, mark)
+    log = log_since(site, mark, 2 * len(want))
     statuses = [status for _, _, status, _, _ in log]
     if path == "/tls":   # the https server's log shows the redirected requests
         assert statuses.count(301) == len(statuses) // 2 and statuses.count(200) == len(
@@ -257,7 +265,7 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(site):
         coll.close()
     assert err.value.kind == "http" and "HTTP 401" in str(err.value)
     assert PASSWORD not in str(err.value)
-    assert [status for _, _, status, _, _ in log_since(site, mark)] == [302, 401]
+    assert [status for _, _, status, _, _ in log_since(site, mark, 2)] == [302, 401]
 
 
 @pytest.mark.parametrize("where, status", [("busy", 503), ("limited", 429)])
@@ -283,7 +291,7 @@ def test_retry_after_is_honoured_within_max_backoff(site, expected, where, statu
         flag.unlink(missing_ok=True)
     assert waits == [wait]
     assert points[metric.label, PROJECTS[0], 1] == expected[metric.label, PROJECTS[0], 1]
-    statuses = [s for _, _, s, _, _ in log_since(site, mark)]
+    statuses = [s for _, _, s, _, _ in log_since(site, mark, len(points) + 1)]
     assert statuses[:2] == [status, 200] and set(statuses[2:]) == {200}
 
 
@@ -305,7 +313,7 @@ def test_keep_alive_limits_of_the_server(site, expected):
             expected[metric.label, PROJECTS[0], 0])
     finally:
         coll.close()
-    log = log_since(site, mark)
+    log = log_since(site, mark, HOURS + 1)
     assert [status for _, _, status, _, _ in log] == [200] * (HOURS + 1)
     assert [number for _, number, _, _, _ in log] == [1, 2, 1, 1]
 
