@@ -40,10 +40,10 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def need_binary(name: str) -> str:
+def need_binary(name: str, package: str = "prometheus") -> str:
     path = shutil.which(name)
     if not path:
-        service_unavailable(name, f"'{name}' not on PATH (apt-get install prometheus)")
+        service_unavailable(name, f"'{name}' not on PATH (apt-get install {package})")
     return path
 
 

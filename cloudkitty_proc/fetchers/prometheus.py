@@ -13,19 +13,18 @@ that end, so that rating a window of history finds the scopes that existed
 then (an instant query only sees series with a sample in the 5 minutes
 before its evaluation time).
 
-Runs on the worker's main thread (never in the collect pool): plain
-``requests``, one Session per fetcher.
+Runs on the worker's main thread (never in the collect pool): one plain
+(not green) :class:`cloudkitty_proc.http.Transport` per fetcher.
 """
 
 from __future__ import annotations
 
 import datetime
 
-import requests
+import orjson
 from oslo_config import cfg
 
-
-from cloudkitty_proc import promql, utils
+from cloudkitty_proc import http, promql, utils
 from cloudkitty_proc.promql import escape_label_value
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.fetchers.base import BaseFetcher, FetchError
@@ -69,12 +68,10 @@ class PrometheusFetcher(BaseFetcher):
             filters = "{" + ", ".join(f'{k}="{escape_label_value(str(v))}"'
                                       for k, v in group.filters.items()) + "}"
         self.query = f"max({group.metric}{filters}) by ({self.scope_attribute})"
-        session = requests.Session()
-        if group.prometheus_user:
-            session.auth = (group.prometheus_user, group.prometheus_password or "")
-        session.verify = group.cafile if group.cafile else not group.insecure
-        session.headers["Accept"] = "application/json"
-        self._session = session
+        self._http = http.Transport(
+            self.url, option="[fetcher_prometheus] prometheus_url", green=False,
+            timeout=self.timeout, size=1, user=group.prometheus_user,
+            password=group.prometheus_password, cafile=group.cafile, insecure=group.insecure)
 
     def _eval_time(self) -> datetime.datetime | None:
         end = getattr(self.conf.collect, "end", None)
@@ -93,17 +90,14 @@ class PrometheusFetcher(BaseFetcher):
         if at is not None:
             params["time"] = at.strftime("%Y-%m-%dT%H:%M:%SZ")
         try:
-            resp = self._session.get(self.url + "/api/v1/query", params=params,
-                                     timeout=self.timeout)
-        except requests.exceptions.Timeout:
-            raise FetchError(f"{where}: timed out after {self.timeout:g} s") from None
-        except requests.exceptions.RequestException as exc:
-            raise FetchError(f"{where}: {_reason(exc)}") from None
-        if resp.status_code != 200:
-            raise FetchError(f"{where}: HTTP {resp.status_code} {resp.reason}: "
-                             f"{_excerpt(resp.content)} (query: {self.query})")
+            reply = self._http.get("/api/v1/query", params)
+        except http.TransportError as exc:
+            raise FetchError(f"{where}: {exc.message}") from None
+        if reply.status != 200:
+            raise FetchError(f"{where}: HTTP {reply.status} {reply.reason}: "
+                             f"{_excerpt(reply.body)} (query: {self.query})")
         try:
-            data = resp.json()
+            data = orjson.loads(reply.body)
             if data["status"] != "success":
                 raise FetchError(f"{where}: Prometheus answered {data.get('errorType')}: "
                                  f"{data.get('error')} (query: {self.query})")
@@ -115,11 +109,11 @@ class PrometheusFetcher(BaseFetcher):
         except FetchError:
             raise
         except (ValueError, KeyError, TypeError):
-            raise FetchError(f"{where}: malformed reply: {_excerpt(resp.content)}") from None
+            raise FetchError(f"{where}: malformed reply: {_excerpt(reply.body)}") from None
         return sorted(s for s in scopes if s)
 
     def close(self) -> None:
-        self._session.close()
+        self._http.close()
 
 
 def _excerpt(body: bytes, limit: int = 200) -> str:
@@ -128,22 +122,3 @@ def _excerpt(body: bytes, limit: int = 200) -> str:
         return "(empty body)"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
-
-def _reason(exc: BaseException) -> str:
-    cur: BaseException | None = exc
-    seen = set()
-    best = str(exc)
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        reason = getattr(cur, "reason", None)
-        if isinstance(reason, BaseException):
-            cur = reason
-            continue
-        if cur.args and isinstance(cur.args[0], BaseException):
-            cur = cur.args[0]
-            continue
-        best = str(cur)
-        break
-    if ">: " in best:
-        best = best.split(">: ", 1)[1]
-    return best

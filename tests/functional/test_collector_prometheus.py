@@ -496,21 +496,32 @@ def test_threads_executor_uses_plain_io():
 
 
 def test_greenpool_executor_uses_green_io():
-    import http
-    import http.client
+    """greenpool: the transport's urllib3 is imported through
+    eventlet.import_patched (green sockets); the rest of the process keeps
+    the plain urllib3, submodules included. threads: plain sockets."""
+    import urllib3
+    import urllib3.connection
 
     from eventlet.green import socket as green_socket
 
-    plain = http.client
+    plain, plain_connection = urllib3, urllib3.connection
     with FakePrometheus() as fake:
         coll, metric = executor_collector(fake.url, "greenpool")
         assert coll.green is True
         assert coll.retrieve(metric, "p1", *hour(0)) == []
-    green_client = coll._pool._client
-    assert green_client is not plain and green_client.socket is green_socket
-    # the rest of the process keeps the plain module, attribute included
-    assert sys.modules["http.client"] is plain and http.client is plain
-    assert plain.socket is socket
+        [conn] = coll._http.origin.idle
+        threaded, _ = executor_collector(fake.url, "threads")
+        assert threaded.retrieve(metric, "p1", *hour(0)) == []
+        [plain_conn] = threaded._http.origin.idle
+    green = coll._http.tree.urllib3
+    assert green is not plain and green.connection.socket is green_socket
+    assert isinstance(conn.sock, green_socket.socket)
+    assert type(plain_conn.sock) is socket.socket
+    assert sys.modules["urllib3"] is plain
+    assert sys.modules["urllib3.connection"] is plain_connection
+    assert plain_connection.socket is socket
+    coll.close()
+    threaded.close()
 
 
 @pytest.mark.timeout(60)
