@@ -28,8 +28,7 @@ import time
 import cotyledon
 from oslo_config import cfg
 
-from cloudkitty_proc import conf as ckp_conf
-from cloudkitty_proc import plugins, schedule
+from cloudkitty_proc import config_check, data_period, plugins, schedule
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.executor import make_executor
 from cloudkitty_proc.leases import CoordinationError, start_coordinator
@@ -109,6 +108,8 @@ class Orchestrator(cotyledon.Service):
         conf = self.conf
         try:
             storage = plugins.load_storage(conf)
+            # a worker respawned after a reload must not rate in another period
+            data_period.ensure(storage, conf.collect.period)
             collector = plugins.load_collector(conf)
             fetcher = plugins.load_fetcher(conf)
             chain = plugins.load_rating_chain(conf)
@@ -192,7 +193,7 @@ class Orchestrator(cotyledon.Service):
         try:
             # the files are checked on a copy first: a bad value leaves this
             # worker on the configuration in force, as it leaves the master
-            ckp_conf.check_files(self.conf)
+            config_check.check_files(self.conf)
             self.conf.reload_config_files()
         except Exception as exc:
             LOG.error("worker %s: config reload refused, keeping the current one: %s",

@@ -413,6 +413,28 @@ class StorageContract:
         assert state.last_error_kind == "error"
         assert storage.commit_period(make_frame("p1", 1), 1) == 2
 
+    def test_rating_period_is_recorded_once_and_changed_by_compare_and_set(
+            self, storage, make_storage):
+        assert storage.rating_period() is None
+        storage.set_rating_period(3600, expected=None)
+        other = make_storage()  # another process: sees it
+        assert other.rating_period() == 3600
+        with pytest.raises(StaleStateError):
+            other.set_rating_period(1800, expected=None)  # a second first start
+        with pytest.raises(StaleStateError):
+            other.set_rating_period(1800, expected=7200)
+        assert storage.rating_period() == 3600
+        storage.commit_period(make_frame("p1", 0, points=1), 0)  # hour 0 rated
+        before = storage.get_state("p1")
+        other.set_rating_period(1800, expected=3600)
+        assert storage.rating_period() == 1800
+        # the next period still starts at hour 1, now 1800 s long
+        after = storage.get_state("p1")
+        assert after.last_processed == at(1) - datetime.timedelta(seconds=1800)
+        assert after.version == before.version + 1  # a worker of the old period is fenced
+        with pytest.raises(StaleStateError):
+            storage.commit_period(make_frame("p1", 1), before.version)
+
     def test_reset_state_deletes_from_to_and_fences_old_version(self, storage):
         v = 0
         for n in range(4):

@@ -14,7 +14,7 @@ from oslo_config import cfg
 
 from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc import log as ckp_log
-from cloudkitty_proc import plugins
+from cloudkitty_proc import config_check, plugins
 from cloudkitty_proc.exceptions import ConfigError
 
 CONF = cfg.CONF
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None, prog: str, extra_cli_opts: list | None = 
 def validate_options() -> None:
     """Read every registered option once so a bad value fails now, naming
     the file, the group and the option."""
-    ckp_conf.validate(CONF)
+    config_check.validate(CONF)
 
 
 def validate_all(check_rating: bool = True) -> None:

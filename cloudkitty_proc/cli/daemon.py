@@ -31,8 +31,7 @@ import time
 
 from oslo_config import cfg
 
-from cloudkitty_proc import conf as ckp_conf
-from cloudkitty_proc import leases, plugins, report, telemetry, utils
+from cloudkitty_proc import config_check, data_period, leases, plugins, report, telemetry, utils
 from cloudkitty_proc.cli import common
 from cloudkitty_proc.exceptions import ConfigError, SchemaError
 from cloudkitty_proc.log import mask_url
@@ -52,9 +51,12 @@ MAX_FLAGS = MAX_WORKERS
 
 
 def _check_storage() -> None:
+    """The schema is current and the stored data has this period (recorded
+    now if it is the first start)."""
     storage = plugins.load_storage(CONF)
     try:
         storage.check_schema()
+        data_period.ensure(storage, CONF.collect.period)
     finally:
         storage.close()
 
@@ -179,7 +181,7 @@ def run_daemon() -> int:
         # cotyledon 2.2 does not reload the config in the master: do it,
         # then apply a changed worker count. Workers reload themselves.
         try:
-            ckp_conf.check_files(CONF)  # on a copy: refused, nothing changes
+            config_check.check_files(CONF)  # on a copy: refused, nothing changes
             CONF.reload_config_files()
         except (ConfigError, cfg.Error) as exc:
             print(f"error: reload refused, keeping the configuration in force: "

@@ -9,7 +9,8 @@ import sys
 from oslo_config import cfg
 from rich.console import Console
 
-from cloudkitty_proc import control, leases, plugins, quote, report, schedule, utils
+from cloudkitty_proc import (control, data_period, leases, plugins, quote, report, schedule,
+                             utils)
 from cloudkitty_proc.cli import common
 from cloudkitty_proc.exceptions import (CollectError, ConfigError, InvalidRequestError,
                                         RatingError, SchemaError)
@@ -24,6 +25,8 @@ def _add_parsers(subparsers) -> None:
     db_sub.required = True
     db_sub.add_parser("upgrade", help="create or migrate the schema")
     db_sub.add_parser("version", help="print the schema revision")
+    db_sub.add_parser("set-period", help="record [collect] period as the period of the "
+                      "stored data (every scope's next period must start on a boundary)")
 
     status = subparsers.add_parser("status", help="scopes and their progress")
     status.add_argument("--json", action="store_true", dest="as_json")
@@ -123,12 +126,19 @@ def _checked_storage():
 def cmd_db() -> int:
     storage = _storage()
     try:
-        if CONF.command.db_action == "upgrade":
+        action = CONF.command.db_action
+        if action == "upgrade":
             storage.upgrade()
             print(f"database schema at revision {storage.current_revision()}")
+        elif action == "set-period":
+            storage.check_schema()
+            old = data_period.change(storage, CONF.collect.period)
+            print(f"period of the stored data: {old or 'none'} -> {CONF.collect.period} s")
         else:
             print(storage.current_revision() or "none")
         return 0
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
     finally:
         storage.close()
 
@@ -342,6 +352,14 @@ def cmd_check() -> int:
     finally:
         collector.close()
     plugins.load_fetcher(CONF).close()
+    storage = _storage()
+    try:
+        storage.check_schema()
+        data_period.check(storage, CONF.collect.period)
+    except SchemaError:
+        pass  # `db upgrade` first: the daemon says so
+    finally:
+        storage.close()
     try:  # what a worker does at start: a backend down or refusing us shows here
         leases.start_coordinator(CONF, f"check-{os.getpid()}").stop()
     except leases.CoordinationError as exc:

@@ -334,6 +334,22 @@ class BaseStorage(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__}: no reprocessing")
 
     # -- reading ---------------------------------------------------------
+    # -- the period of the stored data ---------------------------------------
+    @abc.abstractmethod
+    def rating_period(self) -> int | None:
+        """The ``[collect] period`` (seconds) every stored state and rated
+        period is aligned to; None when none is recorded yet."""
+
+    @abc.abstractmethod
+    def set_rating_period(self, period: int, *, expected: int | None) -> None:
+        """Record ``period`` if the recorded one is still ``expected`` (None:
+        none recorded); StaleStateError (nothing written) otherwise.
+
+        Changing a recorded period also moves every scope's
+        ``last_processed`` by ``expected - period`` (its next period starts
+        where it did, with the new length) and bumps its version, in the
+        same transaction."""
+
     @abc.abstractmethod
     def iter_rated(self, scope_id: str | None = None,
                    begin: datetime.datetime | None = None,

@@ -130,3 +130,13 @@ reprocess_task = sa.Table(
     sa.Index(None, "state", "scope_id"),
     **MYSQL_TABLE_ARGS,
 )
+
+#: Facts about the stored data as a whole (migration 0003), one row each:
+#: ``period``, the [collect] period every state and rated row is aligned to.
+processor_setting = sa.Table(
+    "processor_setting", metadata,
+    sa.Column("name", key_string(64), primary_key=True),
+    sa.Column("value", sa.String(255), nullable=False),
+    sa.Column("updated_at", utc_datetime(), nullable=False),
+    **MYSQL_TABLE_ARGS,
+)

@@ -82,6 +82,7 @@ UPGRADE_HINT = "run `cloudkitty-proc-manage db upgrade`"
 _state_t = models.scope_state
 _period_t = models.rated_period
 _data_t = models.rated_data
+_setting_t = models.processor_setting
 
 # commit_period's statements, built once: building and caching an UPDATE
 # per call cost more than executing it
@@ -301,6 +302,37 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
             except sa_exc.IntegrityError:
                 if attempt == 2:
                     raise
+
+    # -- the period of the stored data ---------------------------------------
+    def rating_period(self) -> int | None:
+        with self.reader_engine.connect() as connection:
+            value = connection.execute(sa.select(_setting_t.c.value).where(
+                _setting_t.c.name == "period")).scalar()
+        return None if value is None else int(value)
+
+    def set_rating_period(self, period: int, *, expected: int | None) -> None:
+        row = _setting_t.c.name == "period"
+        with self.engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE
+            current = connection.execute(
+                sa.select(_setting_t.c.value).where(row).with_for_update()).scalar()
+            current = None if current is None else int(current)
+            if current != expected:
+                raise StaleStateError(f"the recorded period is {current} s, not {expected}")
+            now = db_now()
+            values = {"value": str(int(period)), "updated_at": now}
+            if current is None:
+                connection.execute(_setting_t.insert().values(name="period", **values))
+                return
+            connection.execute(_setting_t.update().where(row).values(**values))
+            shift = datetime.timedelta(seconds=current - period)
+            states = connection.execute(
+                sa.select(_state_t.c.scope_id, _state_t.c.last_processed)
+                .where(_state_t.c.last_processed.is_not(None)).with_for_update()).all()
+            for scope_id, last in states:  # same next period, new length
+                connection.execute(
+                    _state_t.update().where(_state_t.c.scope_id == scope_id)
+                    .values(last_processed=last + shift,
+                            version=_state_t.c.version + 1, updated_at=now))
 
     def record_error(self, scope_id: str, message: str, kind: str = "error") -> None:
         now = db_now()

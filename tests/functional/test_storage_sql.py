@@ -210,13 +210,13 @@ def test_check_schema_and_upgrade(db_url):
         with pytest.raises(SchemaError, match="run `cloudkitty-proc-manage db upgrade`"):
             storage.check_schema()
         storage.upgrade()
-        assert storage.current_revision() == storage.head_revision() == "0002"
+        assert storage.current_revision() == storage.head_revision() == "0003"
         storage.check_schema()
         storage.upgrade()  # idempotent
         storage.check_schema()
         with storage.engine.begin() as connection:
             connection.execute(sa.text("UPDATE alembic_version SET version_num = '0000'"))
-        with pytest.raises(SchemaError, match="revision 0000, expected 0002: run "
+        with pytest.raises(SchemaError, match="revision 0000, expected 0003: run "
                            "`cloudkitty-proc-manage db upgrade`"):
             storage.check_schema()
     finally:
@@ -230,7 +230,8 @@ def test_models_match_migrations(storage):
 
 
 def test_migration_0002_keeps_existing_data(db_url):
-    """An 0001 database with rated data upgrades to 0002 in place."""
+    """An 0001 database with rated data upgrades to 0002 (and on to the
+    head) in place."""
     storage = SQLStorage(url=db_url)
     try:
         config = alembic_config(storage.url)
@@ -240,11 +241,13 @@ def test_migration_0002_keeps_existing_data(db_url):
         assert storage.current_revision() == "0001"
         storage.commit_period(make_frame("p1", 0, points=2), 0)
         storage.upgrade()
-        assert storage.current_revision() == "0002"
+        assert storage.current_revision() == "0003"
         assert len(list(storage.iter_rated("p1"))) == 2
         assert storage.list_tasks() == []
+        assert storage.rating_period() is None  # 0003: no period recorded yet
         with storage.engine.connect() as connection:
             assert sa.inspect(connection).has_table("reprocess_task")
+            assert sa.inspect(connection).has_table("processor_setting")
     finally:
         storage.close()
 

@@ -10,6 +10,7 @@ reprocessing cases skip, the no-task case runs).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import json
@@ -34,6 +35,7 @@ class _Store:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.revision: str | None = None
+        self.period: int | None = None
         self.states: dict[str, ScopeState] = {}
         #: (scope, begin) -> (period, encoded rows in type then insertion order)
         self.periods: dict[tuple, tuple[RatedPeriod, list[tuple]]] = {}
@@ -58,6 +60,22 @@ class MemoryStorage(BaseStorage):
 
     def get_state(self, scope_id: str) -> ScopeState:
         return self.get_states([scope_id])[scope_id]
+
+    def rating_period(self) -> int | None:
+        return self.store.period
+
+    def set_rating_period(self, period: int, *, expected: int | None) -> None:
+        with self.store.lock:
+            if self.store.period != expected:
+                raise StaleStateError(f"recorded period is {self.store.period}")
+            if expected is not None:
+                shift = datetime.timedelta(seconds=expected - period)
+                for sid, st in list(self.store.states.items()):
+                    if st.last_processed is not None:
+                        self.store.states[sid] = dataclasses.replace(
+                            st, last_processed=st.last_processed + shift,
+                            version=st.version + 1)
+            self.store.period = period
 
     def get_states(self, scope_ids: list[str] | None = None) -> dict[str, ScopeState]:
         with self.store.lock:
