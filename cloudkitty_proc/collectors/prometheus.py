@@ -35,7 +35,9 @@ URL without credentials, the metric and the scope):
   replies (``malformed``: not Prometheus' JSON, a ``"status": "error"``
   reply, a result that is not an instant vector, a body that cannot be
   decoded, and, from :meth:`PrometheusCollector.retrieve`, a value that is
-  not a finite number or is negative: a proxy or exporter hiccup) are
+  not a finite number or is negative: a proxy or exporter hiccup) and
+  replies that say they may be incomplete (``partial``: Thanos' ``warnings``,
+  ``partialResponse``, ``isPartial``; unless ``allow_partial_replies``) are
   retried ``[collector_prometheus] retries`` times with exponential backoff
   capped at ``max_backoff`` seconds (a ``Retry-After`` is waited for, within
   ``max_backoff``), then fail with " (after N attempts)";
@@ -80,6 +82,15 @@ collector_prometheus_opts = [
         min=0,
         help="Upper bound in seconds of the wait between two retries.",
     ),
+    cfg.BoolOpt(
+        "allow_partial_replies",
+        default=False,
+        help="Store replies that say they may be incomplete (a \"warnings\" "
+        "list, \"partialResponse\" or \"isPartial\", as Thanos and other "
+        "Prometheus-compatible servers send when a store did not answer). "
+        "False: such a reply is an error of kind 'partial', retried like a "
+        "malformed one, and the period is not stored.",
+    ),
 ]
 
 OPTS = [("collector_prometheus", collector_prometheus_opts)]
@@ -91,6 +102,9 @@ _QUERY_PATH = "/api/v1/query"
 #: query targets kept (one per metric and scope; cleared when full): the
 #: scopes in hand need a few, and 10,000 scopes x 5 metrics cost 3 MB of RSS
 QUERY_TARGET_CACHE = 512
+
+#: the most characters of a server's error text kept in a message
+ERROR_TEXT_LIMIT = 300
 
 #: period ends whose time parameter is kept (the periods queued ahead need
 #: a few)
@@ -116,6 +130,7 @@ class PrometheusCollector(BaseCollector):
         self.timeout = group.timeout
         self.retries = group.retries
         self.max_backoff = group.max_backoff
+        self.allow_partial = group.allow_partial_replies
         #: green I/O for the GreenPool executor, plain I/O for real threads
         self.green = conf.orchestrator.collect_executor != "threads"
         self._sleep = http.sleeper(self.green)
@@ -289,11 +304,16 @@ class PrometheusCollector(BaseCollector):
             raise _Retryable(f"{where}: reply is not a JSON object: {_excerpt(body)}",
                              "malformed")
         if data.get("status") != "success":
-            msg = (f"{where}: Prometheus answered status {data.get('status')!r}: "
-                   f"{data.get('errorType', '')}: {data.get('error', '')}")
+            msg = (f"{where}: Prometheus answered status {_text(data.get('status'), 40)}: "
+                   f"{_text(data.get('errorType', ''), 40)}: {_text(data.get('error', ''))}")
             if params and "query" in params:
                 msg += f" (query: {params['query']})"
             raise _Retryable(msg, "malformed")
+        if not self.allow_partial and (data.get("warnings") or data.get("partialResponse")
+                                       or data.get("isPartial")):
+            raise _Retryable(f"{where}: the reply may be incomplete (warnings: "
+                             f"{_text(data.get('warnings'))}); set [collector_prometheus] "
+                             "allow_partial_replies to store such replies", "partial")
         return data
 
     def _vector(self, data: dict, query: str) -> list[RawSeries]:
@@ -340,5 +360,13 @@ def _error_detail(body: bytes) -> str:
     except ValueError:
         return _excerpt(body)
     if isinstance(data, dict) and "error" in data:
-        return f"{data.get('errorType', 'error')}: {data['error']}"
+        return f"{_text(data.get('errorType', 'error'), 40)}: {_text(data['error'])}"
     return _excerpt(body)
+
+
+def _text(value: Any, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """A text from the server, cut to ``limit`` characters for logs and the
+    scope's state (a 300,000-character error cost ~100 s of CPU a period)."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"

@@ -889,3 +889,41 @@ def test_broken_replies_are_connection_errors(raw, message):
 def test_a_url_path_that_is_not_a_request_target_is_refused_when_built(path):
     with pytest.raises(ValueError, match="percent-encode"):
         fake_collector("http://127.0.0.1:9" + path)
+
+
+PARTIAL_RESULT = {"resultType": "vector", "result": [
+    {"metric": {"id": "i-1", "project_id": "p1"}, "value": [1767229200, "1"]}]}
+
+
+@pytest.mark.parametrize("extra", [
+    {"warnings": ["No StoreAPIs matched for this query"]},
+    {"partialResponse": True},
+    {"isPartial": True},
+], ids=["thanos-warnings", "partialResponse", "isPartial"])
+def test_partial_replies_are_retried_not_stored(extra):
+    """A Thanos-style partial reply was stored as complete (issue 15 item 2):
+    1,793 of 2,843 rows missing, exit 0."""
+    body = json.dumps({"status": "success", "data": PARTIAL_RESULT, **extra}).encode()
+    with FakePrometheus(lambda h: (200, body)) as fake:
+        coll, metric = fake_collector(fake.url, retries=2)
+        with pytest.raises(CollectError) as err:
+            coll.retrieve(metric, "p1", *hour(0))
+        assert len(fake.requests) == 3 and err.value.kind == "partial"
+        assert "may be incomplete" in str(err.value)
+        assert "allow_partial_replies" in str(err.value)
+        # the operator may accept them, per collector
+        coll, metric = fake_collector(fake.url, retries=0, allow_partial_replies=True)
+        assert [p.groupby["id"] for p in coll.retrieve(metric, "p1", *hour(0))] == ["i-1"]
+
+
+def test_long_server_error_texts_are_cut():
+    """A 300,000-character error went whole into logs and the state."""
+    body = json.dumps({"status": "error", "errorType": "bad_data",
+                       "error": "x" * 300_000}).encode()
+    for status in (400, 200):
+        with FakePrometheus(lambda h, s=status: (s, body)) as fake:
+            coll, metric = fake_collector(fake.url, retries=0)
+            with pytest.raises(CollectError) as err:
+                coll.retrieve(metric, "p1", *hour(0))
+        assert len(str(err.value)) < 2_000
+        assert "(300000 characters)" in str(err.value)
