@@ -61,7 +61,7 @@ def prepare_multiprocess_dir(state_path: str) -> str:
     """Master, before the fork: a fresh directory for the metric files."""
     path = os.path.join(state_path, "prometheus-metrics")
     shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
     os.environ[ENV_DIR] = path
     return path
 

@@ -11,7 +11,16 @@ writer waits for a busy write lock with the storage's own ``sleep``
 (``begin_immediate``), not SQLite's busy handler.
 
 PostgreSQL, MySQL/MariaDB: one engine, READ COMMITTED, ``pool_pre_ping``
-(and ``pool_recycle`` on MySQL).
+(and ``pool_recycle`` on MySQL), and bounds on waits for row locks: a
+connection lost between a state UPDATE and its COMMIT leaves the server an
+orphaned transaction holding the row lock, and workers used to wait on it
+forever. Every session gets ``lock_timeout`` (PostgreSQL) /
+``innodb_lock_wait_timeout`` (MariaDB) of ``LOCK_TIMEOUT`` seconds, so a
+worker gives the scope up and retries it on a later pass, and the server
+ends an orphaned session: ``idle_in_transaction_session_timeout`` and TCP
+keepalives on PostgreSQL, ``wait_timeout`` on MariaDB (``IDLE_TIMEOUT``).
+
+A SQLite file and its directory are created 0600 / 0700 whatever the umask.
 """
 
 from __future__ import annotations
@@ -24,6 +33,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+
+#: how long a PostgreSQL/MariaDB session waits for a row lock (seconds)
+LOCK_TIMEOUT = 30
+#: how long the server keeps a session idle in a transaction (PostgreSQL) or
+#: idle at all (MariaDB) before ending it (seconds)
+IDLE_TIMEOUT = 300
 
 #: SQLite busy timeout: how long a writer waits for the write lock
 SQLITE_BUSY_TIMEOUT = 60.0
@@ -111,13 +126,26 @@ def create_engines(url: sa.URL,
     if url.get_backend_name() == "sqlite":
         memory = sqlite_is_memory(url)
         if not memory and not url.query.get("uri"):
-            directory = os.path.dirname(os.path.abspath(url.database))
-            os.makedirs(directory, exist_ok=True)
+            path = os.path.abspath(url.database)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            # created 0600 before SQLite opens it (its -wal and -shm files
+            # take the database file's mode)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
         writer = sqlite_engine(url, begin_sql="BEGIN IMMEDIATE", sleep=sleep)
         reader = writer if memory else sqlite_engine(url, begin_sql="BEGIN")
         return writer, reader
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "isolation_level": "READ COMMITTED"}
-    if url.get_backend_name() in ("mysql", "mariadb"):
-        kwargs["pool_recycle"] = 3600
+    backend = url.get_backend_name()
+    if backend in ("mysql", "mariadb"):
+        kwargs["pool_recycle"] = min(3600, IDLE_TIMEOUT // 2)
+        kwargs["connect_args"] = {"init_command": (
+            f"SET SESSION innodb_lock_wait_timeout = {int(LOCK_TIMEOUT)}, "
+            f"SESSION wait_timeout = {int(IDLE_TIMEOUT)}")}
+    elif backend == "postgresql":
+        kwargs["connect_args"] = {
+            "options": (f"-c lock_timeout={int(LOCK_TIMEOUT * 1000)} "
+                        f"-c idle_in_transaction_session_timeout={int(IDLE_TIMEOUT * 1000)}"),
+            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+            "keepalives_count": 3}
     engine = sa.create_engine(url, **kwargs)
     return engine, engine
