@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from oslo_config import cfg
+from sqlalchemy import exc as sa_exc
 
 from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc import log as ckp_log
@@ -68,3 +69,19 @@ def run_cli(fn: Callable[[], int]) -> int:
         except OSError:
             pass
         return 0
+    except sa_exc.SQLAlchemyError as exc:  # the database down, refusing us, …
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"error: [database] connection {ckp_log.mask_url(_database_url())}: "
+              f"{ckp_log.mask_url(first)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a state directory that cannot be created, …
+        where = f"cannot create or open {exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _database_url() -> str:
+    try:
+        return str(CONF.database.connection)
+    except Exception:  # noqa: BLE001
+        return "?"

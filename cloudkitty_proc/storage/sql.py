@@ -50,7 +50,8 @@ from sqlalchemy import exc as sa_exc
 
 from cloudkitty_proc import faults, utils
 from cloudkitty_proc.dataframe import DataFrame
-from cloudkitty_proc.exceptions import SchemaError, StaleStateError
+from cloudkitty_proc.exceptions import ConfigError, SchemaError, StaleStateError
+from cloudkitty_proc.log import mask_url
 from cloudkitty_proc.storage import models
 from cloudkitty_proc.storage.base import (MAX_ERROR_LENGTH, REPROCESSING, BaseStorage,
                                           RatedPeriod)
@@ -137,7 +138,12 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
             if conf is None:
                 raise ValueError("SQLStorage needs a conf or a url")
             url = conf.database.connection
-        self.url: sa.URL = sa.make_url(url)
+        try:
+            self.url: sa.URL = sa.make_url(url)
+        except sa_exc.ArgumentError:
+            raise ConfigError(f"[database] connection {mask_url(str(url))!r}: not a database "
+                              "URL (e.g. postgresql+psycopg2://user@host/db, "
+                              "mysql+pymysql://…, sqlite:////path/file.sqlite)") from None
         self._writer: sa.Engine | None = None
         self._reader: sa.Engine | None = None
         self._pid: int | None = None

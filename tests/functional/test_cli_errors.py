@@ -95,3 +95,20 @@ def test_end_before_begin_is_refused(conf, end):
     conf.write_text(conf.read_text().replace("end = 2026-01-01T02:00:00Z", f"end = {end}"))
     line = _one_line_error(run("manage", conf, "check"))
     assert "[collect] end" in line and "is before [collect] begin" in line
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("garbage", "[database] connection 'garbage': not a database URL"),
+    ("postgresql+psycopg2://ck:s3cret@127.0.0.1:1/x",
+     "[database] connection postgresql+psycopg2://ck:***@127.0.0.1:1/x: "
+     "(psycopg2.OperationalError) connection to server at"),
+    ("sqlite:////proc/nonexistent/ckp.sqlite", "cannot create or open /proc/nonexistent: "),
+], ids=["garbage", "unreachable", "uncreatable"])
+@pytest.mark.parametrize("cmd,args", [("daemon", ("--oneshot",)), ("manage", ("db", "upgrade"))])
+def test_bad_or_unreachable_database_is_one_line(conf, cmd, args, url, needle):
+    """It was CRITICAL and a traceback (issue 15, unclear errors)."""
+    text = conf.read_text()
+    old = next(line for line in text.splitlines() if line.startswith("connection = "))
+    conf.write_text(text.replace(old, f"connection = {url}"))
+    line = _one_line_error(run(cmd, conf, *args))
+    assert needle in line and "s3cret" not in line
