@@ -56,6 +56,27 @@ def test_bad_plugin_settings_stop_the_start_with_one_line(small, cmd, args, sect
     assert needle in message
 
 
+@pytest.mark.parametrize("settings,env,needle", [
+    ("prometheus_url = localhost:9090", {}, "prometheus_url 'localhost:9090': expected"),
+    ("prometheus_url = http://127.0.0.1:99999", {}, "prometheus_url 'http://127.0.0.1:99999'"),
+    ("prometheus_url = http://127.0.0.1:9\ncafile = /nonexistent/ca.pem", {},
+     "cafile '/nonexistent/ca.pem': No such file"),
+    ("prometheus_url = http://127.0.0.1:9", {"all_proxy": "socks5://127.0.0.1:1080"},
+     "proxy 'socks5://127.0.0.1:1080' from the environment"),
+    ("prometheus_url = http://127.0.0.1:9", {"http_proxy": "https://127.0.0.1:3128"},
+     "proxy 'https://127.0.0.1:3128' from the environment"),
+], ids=["no-scheme", "port-99999", "missing-cafile", "socks-proxy", "https-proxy"])
+def test_bad_prometheus_settings_stop_the_start_before_the_fork(small, settings, env, needle):
+    """Workers used to crash-loop on these, and --oneshot never ended."""
+    _ds, conf = small
+    conf.write_text(conf.read_text().replace("collector = file", "collector = prometheus")
+                    + f"\n[collector_prometheus]\n{settings}\n")
+    proc = daemon.run_oneshot(conf, env=env, timeout=120)
+    message = _one_line_error(proc)
+    assert "[collect] collector = prometheus" in message and needle in message
+    assert "cannot start" not in proc.stdout + proc.stderr  # no worker was forked for it
+
+
 def test_check_reports_an_unreachable_coordination_backend(small):
     _ds, conf = small
     port = _dead_port()
