@@ -29,7 +29,9 @@ COMMON_OPTS = [
     cfg.StrOpt(
         "prometheus_url",
         default="http://127.0.0.1:9090",
-        help="Prometheus server URL (without /api/v1).",
+        help="Prometheus server URL. CloudKitty's form, ending in /api/v1 "
+        "(http://host:9090/api/v1, as kolla-ansible sets it), is accepted "
+        "too: a trailing /api/v1 is dropped.",
     ),
     cfg.StrOpt(
         "prometheus_user",
@@ -403,3 +405,12 @@ for bit, checked against Prometheus 2.42, except ``exp``: see _exp)."""
 def series_sort_key(name: str, labels: Sequence[tuple[str, str]]) -> tuple:
     """Prometheus' series order (labels.Compare on the full label set)."""
     return tuple(sorted((*labels, ("__name__", name))))
+
+
+def base_url(url: str) -> str:
+    """``prometheus_url`` without a trailing ``/`` nor CloudKitty's ``/api/v1``
+    suffix (its collector appends only ``/query``), so both forms work."""
+    url = url.rstrip("/")
+    if url.endswith("/api/v1"):
+        url = url[:-len("/api/v1")].rstrip("/")
+    return url

@@ -125,7 +125,7 @@ class PrometheusCollector(BaseCollector):
     def __init__(self, conf: cfg.ConfigOpts, metrics: MetricsConf) -> None:
         super().__init__(conf, metrics)
         group = conf.collector_prometheus
-        self.url = group.prometheus_url.rstrip("/")
+        self.url = promql.base_url(group.prometheus_url)
         self.safe_url = safe_url(self.url)
         self.timeout = group.timeout
         self.retries = group.retries

@@ -59,7 +59,7 @@ class PrometheusFetcher(BaseFetcher):
         if not group.metric:
             raise ConfigError("[fetcher_prometheus] metric is not set: the prometheus "
                               "fetcher needs a metric whose series carry the scope ids")
-        self.url = group.prometheus_url.rstrip("/")
+        self.url = promql.base_url(group.prometheus_url)
         self.safe_url = safe_url(self.url)
         self.timeout = group.timeout
         self.scope_attribute = group.scope_attribute

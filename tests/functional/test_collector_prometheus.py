@@ -927,3 +927,32 @@ def test_long_server_error_texts_are_cut():
                 coll.retrieve(metric, "p1", *hour(0))
         assert len(str(err.value)) < 2_000
         assert "(300000 characters)" in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", ["/api/v1", "/api/v1/", "/"])
+def test_cloudkitty_style_url_with_api_v1_works(usage_file, prom_url, suffix):
+    """kolla-ansible sets CloudKitty's prometheus_url to http://host:9090/api/v1
+    (CloudKitty appends /query): we requested /api/v1/api/v1/query (issue 16
+    item 2). Both forms give the same answers, collector and fetcher."""
+    mconf = metrics_conf()
+    plain = PrometheusCollector(make_conf(collector_prometheus={"prometheus_url": prom_url,
+                                                                "retries": 0}), mconf)
+    suffixed = PrometheusCollector(make_conf(collector_prometheus={
+        "prometheus_url": prom_url + suffix, "retries": 0}), mconf)
+    try:
+        metric = mconf.metrics[0]
+        got = canon(suffixed.retrieve(metric, PROJECTS[0], *hour(3)))
+        assert got == canon(plain.retrieve(metric, PROJECTS[0], *hour(3))) != []
+        suffixed.check()
+    finally:
+        plain.close()
+        suffixed.close()
+    at = BEGIN + datetime.timedelta(hours=HOURS // 2)
+    fetchers = [PrometheusFetcher(make_conf(
+        fetcher_prometheus={"prometheus_url": url, "metric": "instance_up"},
+        collect={"end": at.isoformat()})) for url in (prom_url, prom_url + suffix)]
+    try:
+        assert fetchers[1].get_scopes() == fetchers[0].get_scopes() != []
+    finally:
+        for f in fetchers:
+            f.close()
