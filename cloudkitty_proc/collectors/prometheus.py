@@ -304,7 +304,7 @@ class PrometheusCollector(BaseCollector):
             raise _Retryable(f"{where}: reply is not a JSON object: {_excerpt(body)}",
                              "malformed")
         if data.get("status") != "success":
-            msg = (f"{where}: Prometheus answered status {_text(data.get('status'), 40)}: "
+            msg = (f"{where}: Prometheus answered status {_text(repr(data.get('status')), 40)}: "
                    f"{_text(data.get('errorType', ''), 40)}: {_text(data.get('error', ''))}")
             if params and "query" in params:
                 msg += f" (query: {params['query']})"

@@ -17,16 +17,7 @@ import pytest
 
 from tests import daemon, datagen
 from tests.functional.test_cli_errors import _one_line_error, run
-
-
-def _prepare(tmp_path, db_url, ds, **kw):
-    om = tmp_path / "usage.om"
-    om.write_text(ds.openmetrics)
-    conf = daemon.write_config(
-        tmp_path, db_url=db_url, scopes=ds.scopes, begin=ds.begin.isoformat(),
-        end=ds.end.isoformat(), metrics_yml=datagen.METRICS_YML, om_path=om, **kw)
-    daemon.manage(conf, "db", "upgrade")
-    return conf
+from tests.functional.test_daemon import _prepare
 
 
 def _dead_port() -> int:
@@ -224,6 +215,10 @@ def test_errors_that_cannot_be_stored_end_oneshot_with_exit_1(tmp_path, pg_url):
 
     ds = datagen.generate(n_scopes=2, hours=3)
     conf = _prepare(tmp_path, pg_url, ds, workers=1)
+    from cloudkitty_proc.storage.sql import SQLStorage
+    owner = SQLStorage(url=pg_url)
+    owner.set_rating_period(3600, expected=None)  # as a first start did
+    owner.close()
     role = "ckp_ro_" + uuid.uuid4().hex[:8]
     admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
