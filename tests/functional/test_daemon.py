@@ -7,6 +7,8 @@ tests/datagen.py (which series exists in which hour, and its value).
 from __future__ import annotations
 
 import datetime
+import os
+import stat
 
 import pytest
 
@@ -125,3 +127,17 @@ def test_state_path_with_a_trailing_slash_rates_everything(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _assert_complete(conf, ds)
     assert (tmp_path / "state" / "locks").is_dir()
+
+
+def test_lock_directory_is_private_whatever_the_umask(tmp_path):
+    """With umask 022 the lock directory was 0755 (issue 15 item 14)."""
+    ds = datagen.generate(n_scopes=1, hours=2)
+    conf = _prepare(tmp_path, f"sqlite:///{tmp_path}/db/ckp.sqlite", ds, workers=1)
+    old = os.umask(0o022)
+    try:
+        proc = daemon.run_oneshot(conf)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "state" / "locks").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "db" / "ckp.sqlite").st_mode) == 0o600
