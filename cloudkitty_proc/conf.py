@@ -212,6 +212,23 @@ orchestrator_opts = [
         "still commits its periods in order, under its own lock. A scope "
         "with reprocessing to do is never taken ahead.",
     ),
+    cfg.Opt(
+        "skip_datapoints_expression",
+        type=ExpressionType(),
+        default="",
+        deprecated_opts=[cfg.DeprecatedOpt("skip_datapoints_expression", group="collect")],
+        help="Rated datapoints for which this expression is true are not "
+        "stored (after the rating chain, just before storage, as CloudKitty "
+        "does), for every metric without a skip_datapoints_expression of its "
+        "own in metrics.yml. A safe expression language (no Python "
+        "evaluation): the names qty, price, unit, groupby and metadata, "
+        "groupby['key'] / metadata['key'], comparisons, in, and/or/not, "
+        "+ - * / % on numbers, string and number literals, True/False. "
+        "Example: qty == 0 or metadata['flavor_name'] == 'm1.tiny'. "
+        "CloudKitty's Python form (datapoint.get(\"vol\", {}).get(\"qty\", 0) "
+        "== 0) is refused with its equivalent. Empty or False: keep every "
+        "datapoint. Formerly in [collect].",
+    ),
 ]
 
 collect_opts = [
@@ -256,19 +273,6 @@ collect_opts = [
         help="ISO 8601 time; periods starting at or after it are never "
         "processed. Unset: no bound (the normal daemon behaviour). Useful "
         "to rate a fixed window of history.",
-    ),
-    cfg.Opt(
-        "skip_datapoints_expression",
-        type=ExpressionType(),
-        default="",
-        help="Datapoints for which this expression is true are dropped at "
-        "collection, for every metric without a skip_datapoints_expression "
-        "of its own in metrics.yml. A safe expression language (no Python "
-        "evaluation): the names qty, price, unit, groupby and metadata, "
-        "groupby['key'] / metadata['key'], comparisons, in, and/or/not, "
-        "+ - * / % on numbers, string and number literals. Example: "
-        "qty == 0 or metadata['flavor_name'] == 'm1.tiny'. Empty: keep "
-        "every datapoint.",
     ),
 ]
 

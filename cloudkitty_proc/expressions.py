@@ -41,6 +41,7 @@ from __future__ import annotations
 import ast
 import decimal
 import operator
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -321,8 +322,45 @@ class Expression:
                               "metadata": point.metadata})
 
 
+#: CloudKitty's datapoint dict accessors and their names here: ``vol.qty``,
+#: ``rating.price``, ``vol.unit``; ``groupby``/``metadata`` keep a key
+_CK_FIELDS = {("vol", "qty"): "qty", ("rating", "price"): "price", ("vol", "unit"): "unit"}
+_CK_STEP = (r"""(?:\.get\(\s*(?P<q{n}>["'])(?P<k{n}>[^"']*)(?P=q{n})\s*(?:,[^()]*(?:\(\))?)?\)"""
+            r"""|\[\s*(?P<r{n}>["'])(?P<j{n}>[^"']*)(?P=r{n})\s*\])""")
+_CK_ACCESS = re.compile(r"datapoint" + _CK_STEP.format(n=1) + _CK_STEP.format(n=2))
+
+
+def cloudkitty_equivalent(source: str) -> str | None:
+    """The expression of this language that CloudKitty's Python expression
+    ``source`` (over a ``datapoint`` dict) means, when its accesses are the
+    usual ones; None otherwise."""
+    def replace(match: re.Match) -> str:
+        outer = match.group("k1") if match.group("k1") is not None else match.group("j1")
+        inner = match.group("k2") if match.group("k2") is not None else match.group("j2")
+        if (outer, inner) in _CK_FIELDS:
+            return _CK_FIELDS[(outer, inner)]
+        if outer in SUBSCRIPTABLE:
+            return f"{outer}[{inner!r}]"
+        return match.group(0)
+
+    text = _CK_ACCESS.sub(replace, source)
+    if "datapoint" in text:
+        return None
+    try:
+        parse_expression(text)
+    except ExpressionError:
+        return None
+    return text
+
+
 def parse_expression(source: str) -> Expression:
     """Compile ``source``; raises ExpressionError (a ValueError)."""
+    if isinstance(source, str) and "datapoint" in source:
+        equivalent = cloudkitty_equivalent(source)
+        hint = (f"; the same here: {equivalent}" if equivalent else
+                "; use the names qty, price, unit, groupby['key'], metadata['key']")
+        raise ExpressionError("CloudKitty's Python expressions over 'datapoint' are not "
+                              f"evaluated (no eval){hint}")
     if not isinstance(source, str):
         raise ExpressionError(f"must be a string, got {type(source).__name__}")
     text = source.strip()

@@ -45,6 +45,7 @@ from cloudkitty_proc import faults, utils
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import CollectError, StaleStateError, TaskCancelledError
 from cloudkitty_proc.log import ContextLogger, mask_url
+from cloudkitty_proc.skipping import Skipper
 from cloudkitty_proc.telemetry import Telemetry
 
 if TYPE_CHECKING:  # annotations only
@@ -263,6 +264,8 @@ class Pipeline:
         if set_io_hooks is not None:
             set_io_hooks(self.executor.io_begin, self.executor.io_done)
         self._collector = collector
+        # the skip expressions follow the metrics the collector was built with
+        self.skipper = Skipper(self.conf, collector.metrics)
 
     def feed(self, scope_id: str, starts: Sequence[datetime.datetime]) -> Feed:
         return Feed(self, scope_id, starts)
@@ -300,7 +303,7 @@ class Pipeline:
                     lookahead.top_up(depth - len(pending))
                 self.executor.yield_now()
                 frame = self._rate(frame, log, res)
-                if frame is None or not committer.commit(frame, log, res):
+                if frame is None or not committer.commit(self.skipper.apply(frame), log, res):
                     break
                 res.committed += 1
                 elapsed = time.monotonic() - t0

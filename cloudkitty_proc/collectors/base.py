@@ -2,7 +2,7 @@
 
 :class:`Collector` says what a collector must provide and when each member
 is called; :class:`BaseCollector` is the convenient base to implement one
-(``fetch()`` to write; conversion, skipping and the I/O hooks done).
+(``fetch()`` to write; conversion and the I/O hooks done).
 
 A collector answers one question: for one metric definition, one scope and
 one period [begin, end), which series exist and what is their quantity?
@@ -19,12 +19,8 @@ global monkey patching, see doc/source/design.rst); with ``threads``, plain
 blocking I/O (green sockets used from real threads can park a thread for
 good). CPU-only plugins (the file collector) need nothing special.
 
-Skipping: ``retrieve()`` drops the datapoints for which the metric's
-``skip_datapoints_expression`` (metrics.yml) is true, or, for a metric
-without one, ``[collect] skip_datapoints_expression``. Expressions are
-compiled once (:mod:`cloudkitty_proc.expressions`); a datapoint on which an
-expression fails (e.g. ``'abc' < 1``) is kept and a warning is logged once
-per metric.
+Skipping is not the collector's: ``skip_datapoints_expression`` applies
+after rating, as in CloudKitty (:mod:`cloudkitty_proc.skipping`).
 
 Errors: any failure to obtain a *complete* answer raises
 :class:`~cloudkitty_proc.exceptions.CollectError`; the period is then not
@@ -43,7 +39,6 @@ from typing import Protocol
 
 from oslo_config import cfg
 
-from cloudkitty_proc import expressions
 from cloudkitty_proc.dataframe import DataPoint
 from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.metrics_conf import MetricDef, MetricsConf
@@ -126,12 +121,6 @@ class BaseCollector(abc.ABC):
         self.conf = conf
         self.metrics = metrics
         self.scope_key: str = conf.collect.scope_key
-        source = conf.collect.skip_datapoints_expression
-        self.skip_expression: expressions.Expression | None = (
-            expressions.compile_expression(
-                source, where="[collect] skip_datapoints_expression")
-            if source and source.strip() else None)
-        self._skip_warned: set[str] = set()
 
     @staticmethod
     def io_begin() -> None:
@@ -148,12 +137,6 @@ class BaseCollector(abc.ABC):
         self.io_begin = begin
         self.io_done = done
 
-    def skip_expression_for(self, metric: MetricDef) -> expressions.Expression | None:
-        """The metric's own expression, else the global one."""
-        if metric.skip_datapoints_expression is not None:
-            return metric.skip_expression
-        return self.skip_expression
-
     @abc.abstractmethod
     def fetch(self, metric: MetricDef, scope_id: str,
               begin: datetime.datetime, end: datetime.datetime) -> Iterable[RawSeries]:
@@ -167,8 +150,7 @@ class BaseCollector(abc.ABC):
 
     def retrieve(self, metric: MetricDef, scope_id: str,
                  begin: datetime.datetime, end: datetime.datetime) -> list[DataPoint]:
-        """fetch() + conversion into DataPoints (price 0), minus the
-        datapoints the skip expression drops."""
+        """fetch() + conversion into DataPoints (price 0)."""
         return self.to_points(metric, scope_id, self.fetch(metric, scope_id, begin, end))
 
     def to_points(self, metric: MetricDef, scope_id: str,
@@ -178,12 +160,12 @@ class BaseCollector(abc.ABC):
         Per series: :meth:`quantity` (CollectError "malformed" when it
         refuses the value), ``groupby`` = the metric's groupby labels (""
         when absent, values through ``str``) with the scope key set to
-        ``scope_id``, ``metadata`` likewise, then the skip expression.
+        ``scope_id``, ``metadata`` likewise. (The skip expressions apply
+        after rating: skipping.py.)
         """
         points: list[DataPoint] = []
         append = points.append
         unit = metric.unit
-        skip = self.skip_expression_for(metric)
         # quantity() inlined, unless a plugin overrides it
         convert = metric.convert if self.quantity is BaseCollector.quantity else None
         range_function = bool(metric.extra_args.get("range_function"))
@@ -209,10 +191,7 @@ class BaseCollector(abc.ABC):
             groupby = {key: str(get(key, "")) for key in gkeys}
             groupby[scope_key] = scope_id
             metadata = {key: str(get(key, "")) for key in mkeys} if mkeys else {}
-            point = new(DataPoint, (unit, qty, ZERO, groupby, metadata))
-            if skip is not None and self._skipped(skip, metric, point):
-                continue
-            append(point)
+            append(new(DataPoint, (unit, qty, ZERO, groupby, metadata)))
         return points
 
     @staticmethod
@@ -229,19 +208,6 @@ class BaseCollector(abc.ABC):
             # exporter or backend, not something to bill.
             raise ValueError(f"negative quantity {raw!r} in reply")
         return qty
-
-    def _skipped(self, skip: expressions.Expression, metric: MetricDef,
-                 point: DataPoint) -> bool:
-        try:
-            return skip.matches(point)
-        except expressions.ExpressionEvalError as exc:
-            if metric.label not in self._skip_warned:
-                self._skip_warned.add(metric.label)
-                LOG.warning("metric %s: skip_datapoints_expression %r failed "
-                            "on a datapoint (%s); such datapoints are kept "
-                            "(logged once per metric)", metric.label,
-                            skip.source, exc)
-            return False
 
     def close(self) -> None:
         """Release connections (called when the worker stops)."""

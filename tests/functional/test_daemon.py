@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections import Counter
 import stat
 
 import pytest
@@ -141,3 +142,24 @@ def test_lock_directory_is_private_whatever_the_umask(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert stat.S_IMODE(os.stat(tmp_path / "state" / "locks").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tmp_path / "db" / "ckp.sqlite").st_mode) == 0o600
+
+
+@pytest.mark.parametrize("section", ["orchestrator", "collect"])
+def test_skip_expression_applies_after_rating(tmp_path, section):
+    """As CloudKitty: after the rating chain, just before storage, so the
+    expression sees the price ([collect] is the deprecated alias). Applied at
+    collection (price still 0), ``price == 0`` dropped everything."""
+    ds = datagen.generate(n_scopes=2, hours=3)
+    rules = ("hashmap:\n  services:\n    instance:\n      mappings:\n"
+             "        - {cost: \"0.01\", type: flat}\n")
+    conf = _prepare(tmp_path, f"sqlite:///{tmp_path}/ckp.sqlite", ds, workers=1,
+                    processors="hashmap", rules_yml=rules,
+                    extra=f"[{section}]\nskip_datapoints_expression = price == 0\n")
+    proc = daemon.run_oneshot(conf)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = daemon.export(conf)
+    assert records and {r["type"] for r in records} == {"instance"}
+    assert datagen.export_keys(records) == Counter(k for k in ds.expected if k[2] == "instance")
+    # every period was committed, the skipped types simply not stored
+    last = (ds.end - datetime.timedelta(hours=1)).isoformat()
+    assert {s["last_processed"] for s in daemon.status(conf)["scopes"]} == {last}

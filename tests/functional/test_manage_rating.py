@@ -88,13 +88,25 @@ def test_check_refuses_bad_threshold_naming_field(conf, tmp_path):
     assert "unknown type 'percent'" in line
 
 
-def test_check_refuses_unsafe_global_skip_expression(conf):
-    conf.write_text(conf.read_text().replace(
-        "[collect]\n", "[collect]\nskip_datapoints_expression = __import__('os').getcwd()\n"))
+@pytest.mark.parametrize("section", ["orchestrator", "collect"])
+def test_check_refuses_unsafe_global_skip_expression(conf, section):
+    """CloudKitty's [orchestrator] location, and the former [collect] one
+    (a deprecated alias)."""
+    conf.write_text(conf.read_text() + f"\n[{section}]\n"
+                    "skip_datapoints_expression = __import__('os').getcwd()\n")
     line = one_line_error(manage(conf, "check"))
     assert str(conf) in line
-    assert "[collect] skip_datapoints_expression" in line
+    assert "[orchestrator] skip_datapoints_expression" in line
     assert "not allowed" in line
+
+
+def test_check_shows_the_equivalent_of_a_cloudkitty_expression(conf):
+    conf.write_text(conf.read_text() + '\n[orchestrator]\nskip_datapoints_expression = '
+                    'datapoint.get("vol", {}).get("qty", 0) == 0\n')
+    line = one_line_error(manage(conf, "check"))
+    assert "[orchestrator] skip_datapoints_expression" in line
+    assert "CloudKitty's Python expressions over 'datapoint' are not evaluated" in line
+    assert line.endswith("the same here: qty == 0")
 
 
 def test_check_refuses_unsafe_metric_skip_expression(conf, tmp_path):

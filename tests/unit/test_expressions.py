@@ -4,6 +4,7 @@ applied at collection (global option and per-metric override)."""
 from __future__ import annotations
 
 import datetime
+import decimal
 from decimal import Decimal as D
 
 import pytest
@@ -11,7 +12,7 @@ from oslo_config import cfg
 
 from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc.collectors.base import BaseCollector
-from cloudkitty_proc.dataframe import DataPoint
+from cloudkitty_proc.dataframe import DataFrame, DataPoint
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.expressions import (
     ExpressionError,
@@ -20,6 +21,7 @@ from cloudkitty_proc.expressions import (
     parse_expression,
 )
 from cloudkitty_proc.metrics_conf import parse_metrics
+from cloudkitty_proc.skipping import Skipper
 
 UTC = datetime.timezone.utc
 T0 = datetime.datetime(2026, 1, 1, tzinfo=UTC)
@@ -156,19 +158,46 @@ def make_conf(expr: str | None = None) -> cfg.ConfigOpts:
     ckp_conf.register_opts(conf)
     conf([])
     if expr is not None:
-        conf.set_override("skip_datapoints_expression", expr, group="collect")
+        conf.set_override("skip_datapoints_expression", expr, group="orchestrator")
     return conf
 
 
-def test_global_option_refuses_unsafe_expression(tmp_path):
+@pytest.mark.parametrize("section", ["orchestrator", "collect"])
+def test_global_option_refuses_unsafe_expression(tmp_path, section):
+    """CloudKitty's [orchestrator] location; [collect] is a deprecated alias."""
     path = tmp_path / "ckp.conf"
-    path.write_text("[collect]\nskip_datapoints_expression = ().__class__\n")
+    path.write_text(f"[{section}]\nskip_datapoints_expression = ().__class__\n")
     conf = cfg.ConfigOpts()
     ckp_conf.register_opts(conf)
     conf(["--config-file", str(path)])
     with pytest.raises(ValueError) as info:
-        conf.collect.skip_datapoints_expression  # noqa: B018 - read validates
+        conf.orchestrator.skip_datapoints_expression  # noqa: B018 - read validates
     assert "attribute access is not allowed" in str(info.value)
+
+
+@pytest.mark.parametrize("cloudkitty,ours", [
+    ('datapoint.get("vol", {}).get("qty", 0) == 0', "qty == 0"),
+    ("datapoint['vol']['qty'] < 1 and datapoint['metadata']['flavor_name'] == 'm1.tiny'",
+     "qty < 1 and metadata['flavor_name'] == 'm1.tiny'"),
+    ('datapoint.get("rating", {}).get("price", 0) == 0', "price == 0"),
+    ('datapoint.get("groupby", {}).get("project_id") in ("a", "b")',
+     "groupby['project_id'] in (\"a\", \"b\")"),
+])
+def test_cloudkitty_expressions_are_refused_with_their_equivalent(cloudkitty, ours):
+    with pytest.raises(ExpressionError) as info:
+        parse_expression(cloudkitty)
+    assert str(info.value).endswith(f"the same here: {ours}")
+    parse_expression(ours)  # the suggestion is valid here
+
+
+def test_cloudkitty_expression_without_an_equivalent_names_our_names():
+    with pytest.raises(ExpressionError, match="use the names qty, price, unit"):
+        parse_expression("len(datapoint['groupby']) > 2")
+
+
+def test_cloudkitty_default_false_keeps_everything():
+    assert parse_expression("False").matches(
+        DataPoint("u", decimal.Decimal(0), decimal.Decimal(0), {}, {})) is False
 
 
 def test_metric_key_refuses_unsafe_expression():
@@ -181,15 +210,6 @@ def test_metric_key_refuses_unsafe_expression():
     assert msg.startswith("/etc/m.yml: metric 'cpu'")
     assert "key 'skip_datapoints_expression'" in msg
     assert "function calls are not allowed" in msg
-
-
-class ListCollector(BaseCollector):
-    def __init__(self, conf, metrics, series):
-        super().__init__(conf, metrics)
-        self.series = series
-
-    def fetch(self, metric, scope_id, begin, end):
-        return list(self.series)
 
 
 SERIES = [
@@ -205,40 +225,63 @@ def _metrics(**extra):
     return parse_metrics({"metrics": {"cpu": body}})
 
 
-def _ids(points):
-    return [p.groupby["id"] for p in points]
+def _rated_frame(prices=("0", "1", "0", "5")):
+    """SERIES as the rating chain leaves them (each with a price)."""
+    frame = DataFrame("p1", T0, T1)
+    frame.add_points("cpu", [
+        DataPoint("instance", decimal.Decimal(raw), decimal.Decimal(price),
+                  {"id": labels["id"]}, {"flavor_name": labels["flavor_name"]})
+        for (labels, raw), price in zip(SERIES, prices)])
+    return frame
 
 
-def test_global_expression_drops_datapoints_at_collection():
-    metrics = _metrics()
-    coll = ListCollector(make_conf("qty == 0"), metrics, SERIES)
-    assert _ids(coll.retrieve(metrics.metrics[0], "p1", T0, T1)) == ["b", "d"]
+def _ids(frame):
+    return [p.groupby["id"] for p in frame.points("cpu")]
+
+
+def test_global_expression_drops_rated_datapoints_before_storage():
+    assert _ids(Skipper(make_conf("qty == 0"), _metrics()).apply(_rated_frame())) == ["b", "d"]
+
+
+def test_expressions_see_the_rated_price():
+    """Applied after rating, as CloudKitty does: the price is known."""
+    skipper = Skipper(make_conf("price == 0"), _metrics())
+    assert _ids(skipper.apply(_rated_frame(prices=("0", "0", "2", "5")))) == ["c", "d"]
 
 
 def test_metric_expression_overrides_global_one():
     metrics = _metrics(skip_datapoints_expression="metadata['flavor_name'] == 'm1.tiny'")
-    coll = ListCollector(make_conf("qty == 0"), metrics, SERIES)
-    assert _ids(coll.retrieve(metrics.metrics[0], "p1", T0, T1)) == ["c", "d"]
+    assert _ids(Skipper(make_conf("qty == 0"), metrics).apply(_rated_frame())) == ["c", "d"]
 
 
 def test_blank_metric_expression_turns_the_global_one_off():
     metrics = _metrics(skip_datapoints_expression="")
-    coll = ListCollector(make_conf("qty == 0"), metrics, SERIES)
-    assert _ids(coll.retrieve(metrics.metrics[0], "p1", T0, T1)) == ["a", "b", "c", "d"]
+    assert _ids(Skipper(make_conf("qty == 0"), metrics).apply(_rated_frame())) == [
+        "a", "b", "c", "d"]
 
 
 def test_no_expression_keeps_everything():
-    metrics = _metrics()
-    coll = ListCollector(make_conf(), metrics, SERIES)
-    assert len(coll.retrieve(metrics.metrics[0], "p1", T0, T1)) == 4
+    assert len(Skipper(make_conf(), _metrics()).apply(_rated_frame())) == 4
 
 
 def test_failing_expression_keeps_the_datapoint_and_warns_once(caplog):
     metrics = _metrics(skip_datapoints_expression="metadata['flavor_name'] > 1")
-    coll = ListCollector(make_conf(), metrics, SERIES)
+    skipper = Skipper(make_conf(), metrics)
     with caplog.at_level("WARNING"):
-        points = coll.retrieve(metrics.metrics[0], "p1", T0, T1)
-        coll.retrieve(metrics.metrics[0], "p1", T0, T1)
-    assert len(points) == 4
+        frame = skipper.apply(_rated_frame())
+        skipper.apply(_rated_frame())
+    assert len(frame) == 4
     warnings = [r for r in caplog.records if "skip_datapoints_expression" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_the_collector_no_longer_skips():
+    """Skipping moved after rating: collection keeps every datapoint."""
+    class ListCollector(BaseCollector):
+        def fetch(self, metric, scope_id, begin, end):
+            return list(SERIES)
+
+    metrics = _metrics(skip_datapoints_expression="qty == 0")
+    coll = ListCollector(make_conf("qty == 0"), metrics)
+    assert [p.groupby["id"] for p in coll.retrieve(metrics.metrics[0], "p1", T0, T1)] == [
+        "a", "b", "c", "d"]
