@@ -16,6 +16,21 @@ from typing import NamedTuple
 
 ZERO = decimal.Decimal(0)
 
+#: the groupby keys CloudKitty adds to every datapoint (its collectors'
+#: ``_create_data_point``): cloudkitty-api's ``time-d/w/m/y`` groupings and
+#: rules on them need them
+TIME_KEYS = ("week_of_the_year", "day_of_the_year", "month", "year")
+
+
+def time_groupby(begin: datetime.datetime) -> dict[str, str]:
+    """CloudKitty's four time keys for a period starting at ``begin`` (UTC):
+    ``strftime`` ``%U``, ``%-j``, ``%-m``, ``%Y``, as strings."""
+    begin = begin.astimezone(datetime.timezone.utc)
+    return {"week_of_the_year": begin.strftime("%U"),
+            "day_of_the_year": str(begin.timetuple().tm_yday),
+            "month": str(begin.month),
+            "year": begin.strftime("%Y")}
+
 
 class DataPoint(NamedTuple):
     unit: str

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from oslo_config import cfg
 
 from cloudkitty_proc import faults, utils
-from cloudkitty_proc.dataframe import DataFrame
+from cloudkitty_proc.dataframe import DataFrame, time_groupby
 from cloudkitty_proc.exceptions import CollectError, StaleStateError, TaskCancelledError
 from cloudkitty_proc.log import ContextLogger, mask_url
 from cloudkitty_proc.skipping import Skipper
@@ -320,9 +320,13 @@ class Pipeline:
         """The period's frame once every metric's call returned; None (the
         error recorded) if one failed."""
         frame = DataFrame(scope_id, begin, end)
+        keys = time_groupby(begin)  # as CloudKitty's collectors add them
         try:
             for mdef, handle in handles:
-                frame.add_points(mdef.usage_type, handle.result())
+                points = handle.result()
+                for point in points:
+                    point.groupby.update(keys)
+                frame.add_points(mdef.usage_type, points)
         except CollectError as exc:
             self.failures.record(log, res, scope_id, begin, "collect", exc, kind=exc.kind)
         except Exception as exc:  # a collector bug: same treatment

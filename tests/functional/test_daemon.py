@@ -7,6 +7,7 @@ tests/datagen.py (which series exists in which hour, and its value).
 from __future__ import annotations
 
 import datetime
+import decimal
 import os
 from collections import Counter
 import stat
@@ -163,3 +164,27 @@ def test_skip_expression_applies_after_rating(tmp_path, section):
     # every period was committed, the skipped types simply not stored
     last = (ds.end - datetime.timedelta(hours=1)).isoformat()
     assert {s["last_processed"] for s in daemon.status(conf)["scopes"]} == {last}
+
+
+def test_every_datapoint_carries_cloudkittys_time_keys(tmp_path):
+    """week_of_the_year (%U), day_of_the_year (%-j), month (%-m), year (%Y)
+    of the period start, in groupby as CloudKitty's collectors add them: in
+    storage and the export, and seen by rating rules (issue 16 item 3)."""
+    ds = datagen.generate(n_scopes=1, hours=3)
+    rules = ("hashmap:\n  services:\n    instance:\n      fields:\n        day_of_the_year:\n"
+             "          mappings:\n            - {value: \"1\", cost: \"2\", type: flat}\n")
+    conf = _prepare(tmp_path, f"sqlite:///{tmp_path}/ckp.sqlite", ds, workers=1,
+                    processors="hashmap", rules_yml=rules)
+    proc = daemon.run_oneshot(conf)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = daemon.export(conf)
+    assert records
+    for r in records:
+        begin = datetime.datetime.fromisoformat(r["begin"])
+        assert {k: r["groupby"][k] for k in ("week_of_the_year", "day_of_the_year", "month",
+                                             "year")} == {
+            "week_of_the_year": begin.strftime("%U"), "day_of_the_year": begin.strftime("%-j"),
+            "month": begin.strftime("%-m"), "year": begin.strftime("%Y")}
+    assert ds.begin.strftime("%-j") == "1"
+    instance = [r for r in records if r["type"] == "instance"]
+    assert instance and all(decimal.Decimal(r["price"]) == 2 for r in instance)
