@@ -32,12 +32,32 @@ def time_groupby(begin: datetime.datetime) -> dict[str, str]:
             "year": begin.strftime("%Y")}
 
 
-class DataPoint(NamedTuple):
+def _decimal(value) -> decimal.Decimal:
+    """As CloudKitty's DataPoint: floats through ``str``, others as given."""
+    if type(value) is decimal.Decimal:
+        return value
+    return decimal.Decimal(str(value) if isinstance(value, float) else value)
+
+
+class _Point(NamedTuple):
     unit: str
     qty: decimal.Decimal
     price: decimal.Decimal
     groupby: dict[str, str]
     metadata: dict[str, str]
+
+
+class DataPoint(_Point):
+    """One usage record. Built as CloudKitty builds its DataPoint: a missing
+    unit is ``"undefined"``, ``qty`` and ``price`` given as int, float (through
+    ``str``) or str become Decimals. The hot paths build points with
+    ``tuple.__new__(DataPoint, ...)`` from values already converted."""
+
+    __slots__ = ()
+
+    def __new__(cls, unit, qty, price=ZERO, groupby=None, metadata=None):
+        return tuple.__new__(cls, (unit or "undefined", _decimal(qty), _decimal(price),
+                                   dict(groupby or {}), dict(metadata or {})))
 
     def desc(self) -> dict[str, str]:
         """groupby ∪ metadata (groupby wins), as hashmap fields see it."""

@@ -327,8 +327,12 @@ def parse_metrics(data: Any, *, path: str = "<metrics.yml>",
                         _number(v)
                     except vol.Invalid as exc:
                         raise ConfigError(f"{where}: key 'mutate_map.{k}': {exc.msg}") from None
-            elif conf.get("mutate_map"):
+            elif "mutate_map" in conf:  # CloudKitty refuses it too, even empty
                 raise ConfigError(f"{where}: key 'mutate_map': only allowed with mutate: MAP")
+            both = sorted(set(conf["groupby"]) & set(conf["metadata"]))
+            if both:
+                raise ConfigError(f"{where}: label(s) {', '.join(map(repr, both))} in both "
+                                  "'groupby' and 'metadata' (CloudKitty refuses it too)")
             groupby = list(dict.fromkeys(conf["groupby"]))
             if scope_key not in groupby:
                 groupby.append(scope_key)

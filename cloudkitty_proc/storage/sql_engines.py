@@ -147,5 +147,34 @@ def create_engines(url: sa.URL,
                         f"-c idle_in_transaction_session_timeout={int(IDLE_TIMEOUT * 1000)}"),
             "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
             "keepalives_count": 3}
-    engine = sa.create_engine(url, **kwargs)
+    engine = _create_engine(url, **kwargs)
     return engine, engine
+
+
+#: what to install for a database driver (SQLAlchemy's driver name)
+DRIVER_PACKAGES = {
+    "psycopg": "pip install 'cloudkitty-proc[postgresql]' (psycopg 3)",
+    "psycopg2": "pip install psycopg2-binary",
+    "pymysql": "pip install 'cloudkitty-proc[mysql]' (PyMySQL)",
+    "mysqldb": "use a mysql+pymysql:// URL and pip install 'cloudkitty-proc[mysql]'",
+}
+
+
+def _create_engine(url: sa.URL, **kwargs: Any) -> sa.Engine:
+    """sa.create_engine, with a missing driver module as one line naming
+    what to install (SQLAlchemy 2.1 maps postgresql:// to psycopg 3)."""
+    try:
+        return sa.create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        from cloudkitty_proc.exceptions import ConfigError
+        from cloudkitty_proc.log import mask_url
+
+        try:
+            driver = url.get_dialect().driver
+        except Exception:  # noqa: BLE001 - the dialect itself needs the module
+            driver = url.drivername.partition("+")[2] or exc.name or "?"
+        hint = DRIVER_PACKAGES.get(driver, f"install the Python package of the {driver} "
+                                           "driver")
+        raise ConfigError(f"[database] connection {mask_url(url.render_as_string())}: "
+                          f"the {driver} driver is not installed (no module "
+                          f"{exc.name!r}): {hint}") from None

@@ -112,3 +112,21 @@ def test_bad_or_unreachable_database_is_one_line(conf, cmd, args, url, needle):
     conf.write_text(text.replace(old, f"connection = {url}"))
     line = _one_line_error(run(cmd, conf, *args))
     assert needle in line and "s3cret" not in line
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("mysql://root:s3cret@127.0.0.1/test",
+     "the mysqldb driver is not installed (no module 'MySQLdb'): use a mysql+pymysql:// URL"),
+    ("postgresql+pg8000://ck:s3cret@127.0.0.1/x",
+     "the pg8000 driver is not installed (no module 'pg8000')"),
+], ids=["mysqldb", "pg8000"])
+@pytest.mark.parametrize("cmd,args", [("daemon", ("--oneshot",)), ("manage", ("db", "upgrade")),
+                                      ("manage", ("status",))])
+def test_missing_database_driver_is_one_line_naming_what_to_install(conf, cmd, args, url,
+                                                                     needle):
+    """A traceback (ModuleNotFoundError) before (issue 16 item 8)."""
+    text = conf.read_text()
+    old = next(line for line in text.splitlines() if line.startswith("connection = "))
+    conf.write_text(text.replace(old, f"connection = {url}"))
+    line = _one_line_error(run(cmd, conf, *args))
+    assert "[database] connection" in line and needle in line and "s3cret" not in line

@@ -168,3 +168,17 @@ def test_file_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError, match="top-level key 'metrics' is missing"):
         load_metrics_conf(str(empty))
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"unit": "u", "groupby": ["id", "flavor"], "metadata": ["flavor", "az"]},
+     "label(s) 'flavor' in both 'groupby' and 'metadata'"),
+    ({"unit": "u", "mutate_map": {}}, "key 'mutate_map': only allowed with mutate: MAP"),
+    ({"unit": "u", "mutate": "NUMBOOL", "mutate_map": {1: 2}},
+     "key 'mutate_map': only allowed with mutate: MAP"),
+], ids=["groupby-and-metadata", "empty-mutate-map", "mutate-map-without-map"])
+def test_what_cloudkitty_refuses_is_refused(body, needle):
+    """Issue 16 item 7: both were accepted."""
+    with pytest.raises(ConfigError) as err:
+        parse_metrics({"metrics": {"cpu": body}}, path="/etc/m.yml")
+    assert str(err.value).startswith("/etc/m.yml: metric 'cpu'") and needle in str(err.value)
