@@ -49,8 +49,8 @@ Deliberate differences (CloudKitty would crash or behave surprisingly):
   ``"NaN"``) never matches a field threshold of that field (CloudKitty
   raises ``decimal.InvalidOperation`` and fails the whole period); field
   mappings of that field still apply;
-* a field mapping matches on ``str(field value) == value`` (CloudKitty
-  compares the raw value, which only differs for non-string metadata).
+* a field mapping matches on ``str(field value) == value``, as CloudKitty
+  25 does (not a difference; said here because earlier notes claimed one).
 """
 
 from __future__ import annotations
