@@ -77,7 +77,7 @@ class Orchestrator(cotyledon.Service):
 
     def __init__(self, worker_id: int, oneshot: bool = False, status: RunStatus | None = None,
                  run_started: datetime.datetime | None = None, worker_count: int = 1,
-                 heartbeats: Heartbeats | None = None) -> None:
+                 heartbeats: Heartbeats | None = None, quiet_periods: bool = False) -> None:
         super().__init__(worker_id)
         self.worker_id = worker_id
         self.conf = cfg.CONF
@@ -86,6 +86,9 @@ class Orchestrator(cotyledon.Service):
         self.run_started = run_started
         self.worker_count = worker_count
         self.heartbeats = heartbeats
+        #: an interactive --oneshot: per-period lines at DEBUG (the master
+        #: shows a progress display instead)
+        self.quiet_periods = quiet_periods
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._wake = threading.Event()
@@ -134,6 +137,8 @@ class Orchestrator(cotyledon.Service):
             worker_count=self.worker_count,
             on_unrecorded=(None if self.status is None
                            else lambda: self.status.add_unrecorded(self.worker_id)))
+        if self.quiet_periods:
+            self.worker.pipeline.period_log_level = logging.DEBUG
         LOG.info("worker %s started (%s executor, %d concurrent queries)", self.worker_name,
                  self._executor.name, self._executor.size)
         _settle_gc()

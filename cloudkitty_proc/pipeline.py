@@ -250,6 +250,9 @@ class Pipeline:
         self.failures = failures
         self.telemetry = telemetry
         self.stop_event = stop_event
+        #: the level of the one line per committed period (DEBUG in an
+        #: interactive --oneshot, where a progress display replaces them)
+        self.period_log_level = logging.INFO
 
     @property
     def collector(self) -> Any:
@@ -308,8 +311,9 @@ class Pipeline:
                 res.committed += 1
                 elapsed = time.monotonic() - t0
                 self.telemetry.period_committed(frame, elapsed)
-                if log.isEnabledFor(logging.INFO):
-                    log.info("%s period %s: %d datapoints, price %s, %.3f s", committer.what,
+                if log.isEnabledFor(self.period_log_level):
+                    log.log(self.period_log_level,
+                            "%s period %s: %d datapoints, price %s, %.3f s", committer.what,
                              begin.isoformat(), len(frame),
                              utils.decimal_str(frame.total_price()), elapsed)
         finally:

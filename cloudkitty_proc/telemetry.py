@@ -36,6 +36,8 @@ class Heartbeats:
     def __init__(self, size: int = MAX_WORKERS) -> None:
         self.alive = multiprocessing.RawArray("d", size)
         self.progress = multiprocessing.RawArray("d", size)
+        #: periods committed by each worker (the --oneshot progress display)
+        self.committed = multiprocessing.RawArray("q", size)
         self.size = size
 
     def beat(self, worker_id: int) -> None:
@@ -45,6 +47,10 @@ class Heartbeats:
         now = time.time()
         self.alive[worker_id] = now
         self.progress[worker_id] = now
+        self.committed[worker_id] += 1
+
+    def total_committed(self) -> int:
+        return sum(self.committed)
 
     def reset(self, worker_id: int) -> None:
         self.alive[worker_id] = 0.0

@@ -78,6 +78,27 @@ def _check_plugins() -> None:
     leases.check_url(CONF.orchestrator.coordination_url)
 
 
+def _interactive() -> bool:
+    """A person watches stderr and the log goes there: a progress display
+    then replaces the line per committed period (``--debug`` keeps them;
+    a log file, the journal or syslog keep their content)."""
+    return (sys.stderr.isatty() and not CONF.log_file and not CONF.use_journal
+            and not CONF.use_syslog and not CONF.debug)
+
+
+def _show_progress(heartbeats: Heartbeats, stop: threading.Event) -> None:
+    """Master thread (interactive --oneshot): periods committed so far."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.completed:,} periods committed"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("rating", total=None)
+        while not stop.wait(0.2):
+            progress.update(task, completed=heartbeats.total_committed())
+
+
 def _watch_done(status: RunStatus, manager_pid: int, stop: threading.Event) -> None:
     """Master thread (oneshot): SIGTERM ourselves once every worker is idle."""
     stable = 0
@@ -162,10 +183,11 @@ def run_daemon() -> int:
     notifier = Notifier.take_from_env()
     manager = cotyledon.ServiceManager(
         graceful_shutdown_timeout=CONF.graceful_shutdown_timeout)
+    interactive = oneshot and _interactive()
     sid = manager.add(Orchestrator, workers=max(workers, 1),
                       kwargs={"oneshot": oneshot, "status": status,
                               "run_started": run_started, "worker_count": max(workers, 1),
-                              "heartbeats": heartbeats})
+                              "heartbeats": heartbeats, "quiet_periods": interactive})
     if workers == 0:
         manager.reconfigure(sid, 0)
     if CONF.metrics.listen:
@@ -204,6 +226,11 @@ def run_daemon() -> int:
     if oneshot:
         threading.Thread(target=_watch_done, args=(status, os.getpid(), stop_watch),
                          daemon=True, name="oneshot-watch").start()
+    progress = None
+    if interactive:
+        progress = threading.Thread(target=_show_progress, args=(heartbeats, stop_watch),
+                                    daemon=True, name="progress")
+        progress.start()
     started = time.monotonic()
     try:
         manager.run()
@@ -211,6 +238,8 @@ def run_daemon() -> int:
         pass
     finally:
         stop_watch.set()
+        if progress is not None:
+            progress.join(5)  # the display cleared before the summary
     if crashed.is_set():
         return 1
     if not oneshot:

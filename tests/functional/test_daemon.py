@@ -188,3 +188,46 @@ def test_every_datapoint_carries_cloudkittys_time_keys(tmp_path):
     assert ds.begin.strftime("%-j") == "1"
     instance = [r for r in records if r["type"] == "instance"]
     assert instance and all(decimal.Decimal(r["price"]) == 2 for r in instance)
+
+
+def _oneshot_on_a_terminal(conf) -> tuple[int, str]:
+    """Run --oneshot with stdout and stderr on a pseudo-terminal, as an
+    operator does; returns (exit code, what the terminal showed)."""
+    import pty
+    import subprocess
+    import sys
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudkitty_proc.cli.daemon", "--config-file", str(conf),
+         "--oneshot"], stdout=terminal, stderr=terminal, stdin=subprocess.DEVNULL,
+        env=daemon._env(), cwd=daemon.REPO)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(controller)
+    return proc.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_oneshot_on_a_terminal_shows_progress_not_a_line_per_period(tmp_path):
+    """Hundreds of INFO lines, one per period, came before the summary on a
+    terminal (issue 16 item 10); logs to a pipe or a file keep them."""
+    ds = datagen.generate(n_scopes=3, hours=4)
+    conf = _prepare(tmp_path, f"sqlite:///{tmp_path}/ckp.sqlite", ds, workers=1)
+    code, shown = _oneshot_on_a_terminal(conf)
+    assert code == 0, shown
+    assert "committed period" not in shown
+    assert "cloudkitty-proc --oneshot" in shown  # the summary
+    # the same run logging to a pipe: one line per committed period
+    (tmp_path / "piped").mkdir()
+    conf2 = _prepare(tmp_path / "piped", f"sqlite:///{tmp_path}/piped.sqlite", ds, workers=1)
+    proc = daemon.run_oneshot(conf2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("committed period") == 3 * 4
