@@ -317,6 +317,12 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         return None if value is None else int(value)
 
     def set_rating_period(self, period: int, *, expected: int | None) -> None:
+        try:
+            self._set_rating_period(period, expected)
+        except sa_exc.IntegrityError:  # another process inserted it first
+            raise StaleStateError("the period was recorded meanwhile") from None
+
+    def _set_rating_period(self, period: int, expected: int | None) -> None:
         row = _setting_t.c.name == "period"
         with self.engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE
             current = connection.execute(

@@ -611,3 +611,37 @@ def test_sqlite_files_are_private_whatever_the_umask(tmp_path):
         path = tmp_path / "state" / "sub" / name
         if path.exists():
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, name
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_a_period_recorded_meanwhile_is_stale_not_a_key_error(request, backend):
+    """Two daemons starting at once on a new database: the other one inserts
+    the period between our check and our insert. That was a unique-key
+    error, and the second daemon did not start; it is StaleStateError now,
+    which data_period.ensure() answers by reading the recorded period."""
+    from sqlalchemy import event
+
+    from cloudkitty_proc import data_period
+
+    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "mysql_url")
+    storage, other = SQLStorage(url=url), SQLStorage(url=url)
+    storage.upgrade()
+    fired = []
+
+    @event.listens_for(storage.engine, "before_cursor_execute")
+    def meanwhile(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO PROCESSOR_SETTING") and not fired:
+            fired.append(True)
+            other.set_rating_period(3600, expected=None)  # commits before ours
+    try:
+        with pytest.raises(StaleStateError):
+            storage.set_rating_period(3600, expected=None)
+        assert fired and storage.rating_period() == 3600
+        fired.clear()
+        data_period.ensure(storage, 3600)  # the second daemon starts
+        event.remove(storage.engine, "before_cursor_execute", meanwhile)
+        with pytest.raises(Exception, match="stored data is rated in 3600 s periods"):
+            data_period.ensure(storage, 1800)
+    finally:
+        storage.close()
+        other.close()
