@@ -78,7 +78,7 @@ class LabelNameType(types.String):
 
     def __call__(self, value):
         value = super().__call__(value)
-        if not value or value != value.strip() or any(c.isspace() for c in value):
+        if not value or any(c.isspace() for c in value):
             raise ValueError(f"{value!r} is not a label name (not empty, no white space)")
         return value
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from cloudkitty_proc import utils
 from cloudkitty_proc.exceptions import ConfigError, StaleStateError
+from cloudkitty_proc.storage.base import ACTIVE_TASK_STATES
 
 
 def check(storage: Any, period: int) -> None:
@@ -73,7 +74,7 @@ def change(storage: Any, new: int) -> int:
                 f"period {new} s refused: {len(bad)} scope(s) would not start on a "
                 f"{new} s boundary: {shown}{more}; reset-state them to a time "
                 f"aligned to {new} s first")
-        if storage.list_tasks(states=("pending", "running")):
+        if storage.list_tasks(states=ACTIVE_TASK_STATES):
             raise ConfigError(f"period {new} s refused: reprocessing tasks are active; "
                               "let them finish (or reset-state their scopes) first")
     try:

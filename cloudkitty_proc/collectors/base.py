@@ -88,7 +88,7 @@ class Collector(Protocol):
     def retrieve(self, metric: MetricDef, scope_id: str,
                  begin: datetime.datetime, end: datetime.datetime) -> list[DataPoint]:
         """The datapoints of ``metric`` for ``scope_id`` in [begin, end),
-        priced 0, after the skip expression.
+        priced 0 (skip expressions apply after rating: skipping.py).
 
         Called in the collect executor (green threads of the run thread's
         hub, or pool threads with ``collect_executor = threads``), for

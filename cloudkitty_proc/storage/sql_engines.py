@@ -34,6 +34,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from cloudkitty_proc.exceptions import ConfigError
+from cloudkitty_proc.log import mask_url
+
 #: how long a PostgreSQL/MariaDB session waits for a row lock (seconds)
 LOCK_TIMEOUT = 30
 #: how long the server keeps a session idle in a transaction (PostgreSQL) or
@@ -166,9 +169,6 @@ def _create_engine(url: sa.URL, **kwargs: Any) -> sa.Engine:
     try:
         return sa.create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
-        from cloudkitty_proc.exceptions import ConfigError
-        from cloudkitty_proc.log import mask_url
-
         try:
             driver = url.get_dialect().driver
         except Exception:  # noqa: BLE001 - the dialect itself needs the module

@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from oslo_config import cfg
 
-import cloudkitty_proc.conf as ckconf
 from cloudkitty_proc.collectors.prometheus import PrometheusCollector
 from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.fetchers.prometheus import PrometheusFetcher
 from cloudkitty_proc.metrics_conf import PROMQL_EXTRA_ARGS, load_metrics_conf
 from tests.fakes.connect_proxy import ConnectProxy
 from tests.fakes.nginx import access_log, free_port, running_nginx
+from tests.functional.test_collector_prometheus import make_conf
 from tests.prometheus_server import running_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,16 +40,6 @@ _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "REQUESTS_C
 
 def hour(n):
     return BEGIN + datetime.timedelta(hours=n), BEGIN + datetime.timedelta(hours=n + 1)
-
-
-def make_conf(**groups):
-    conf = cfg.ConfigOpts()
-    ckconf.register_opts(conf)
-    conf([], project="cloudkitty-proc", default_config_files=[])
-    for group, options in groups.items():
-        for name, value in options.items():
-            conf.set_override(name, value, group)
-    return conf
 
 
 def metrics():

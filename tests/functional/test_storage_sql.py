@@ -32,25 +32,7 @@ from cloudkitty_proc.exceptions import SchemaError, StaleStateError
 from cloudkitty_proc.storage import models, sql_engines, sql_read, sql_rows, sqlite_fast
 from cloudkitty_proc.storage.base import RatedRow
 from cloudkitty_proc.storage.sql import SQLStorage, alembic_config
-
-D = decimal.Decimal
-UTC = datetime.timezone.utc
-T0 = datetime.datetime(2026, 1, 1, tzinfo=UTC)
-H = datetime.timedelta(hours=1)
-
-
-def at(n: int) -> datetime.datetime:
-    return T0 + n * H
-
-
-def make_frame(scope: str, n: int, points: int = 0, types=("instance",)) -> DataFrame:
-    frame = DataFrame(scope, at(n), at(n + 1))
-    for usage_type in types:
-        frame.add_points(usage_type, [
-            DataPoint(usage_type, D(i + 1), D("0.01") * (i + 1),
-                      {"project_id": scope, "i": str(i)}, {"period": str(n)})
-            for i in range(points)])
-    return frame
+from tests.storage_contract import H, T0, D, at, make_frame
 
 
 def count(storage: SQLStorage, table: sa.Table, scope_id: str | None = None) -> int:
