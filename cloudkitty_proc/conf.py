@@ -23,6 +23,7 @@ from cloudkitty_proc.fetchers import prometheus as fetcher_prometheus
 from cloudkitty_proc.fetchers import source as fetcher_source
 from cloudkitty_proc.rating import hashmap as rating_hashmap
 from cloudkitty_proc.rating import pyscripts as rating_pyscripts
+from cloudkitty_proc.storage import influx as storage_influx
 from cloudkitty_proc.storage import sql as storage_sql
 
 CONF = cfg.CONF
@@ -290,7 +291,9 @@ storage_opts = [
     cfg.StrOpt(
         "backend",
         default="sql",
-        help="Storage plugin (stevedore namespace cloudkitty_proc.storage).",
+        help="Storage plugin (stevedore namespace cloudkitty_proc.storage): sql "
+        "(everything in [database]), influxdb, elasticsearch or opensearch "
+        "(rated points there in CloudKitty's v2 layout, states in [database]).",
     ),
 ]
 
@@ -349,6 +352,7 @@ PLUGIN_OPT_MODULES = (
     collector_prometheus,
     collector_file,
     storage_sql,
+    storage_influx,
     rating_hashmap,
     rating_pyscripts,
 )

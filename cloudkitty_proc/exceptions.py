@@ -62,3 +62,9 @@ class InvalidRequestError(CloudKittyProcError, ValueError):
 class TaskCancelledError(CloudKittyProcError):
     """A reprocessing task can no longer run (e.g. a reset-state moved the
     scope's processed frontier below its window); it was marked failed."""
+
+
+class StorageError(CloudKittyProcError):
+    """A point store (InfluxDB, Elasticsearch, OpenSearch) refused a request
+    or could not be reached. The message names the store and what failed;
+    the period is not committed and the scope state does not move."""

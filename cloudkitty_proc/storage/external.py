@@ -1,0 +1,232 @@
+"""Rated points in an external store, states in SQL: the v2-layout backends.
+
+``ExternalStorage`` is the ``BaseStorage`` of the ``influxdb``,
+``elasticsearch`` and ``opensearch`` backends: the rated points go to a
+point store (``storage/points.py``) in CloudKitty's v2 layout, so that
+cloudkitty-api, Horizon and ``openstack rating …`` read them; the scope
+states, the period records (points, exact Σprice) and the reprocessing
+tasks stay in the SQL tables of the ``sql`` backend (``[database]
+connection``), whose rated-rows table stays empty.
+
+No transaction spans the two stores. How invariants 1-2 still hold
+(doc/source/design.rst, "Backends without transactions"):
+
+* The points of a period are written first, then the SQL transaction
+  advances the state with the same fenced compare-and-set as the ``sql``
+  backend, and records the period. The state never moves past points that
+  were not stored.
+* Writes are idempotent per (scope, period, type, groupby) (InfluxDB: same
+  series and time; Elasticsearch/OpenSearch: a deterministic ``_id``).
+* Points of a scope beyond its committed frontier belong to no committed
+  period: they are left by a write whose commit did not happen (a crash, a
+  refused fence, a failed SQL commit, a reset racing a write). Before its
+  first write of a scope, and after anything but its own successful commit,
+  a storage object deletes the scope's points from the period it is about
+  to write on; only a commit whose expected version this object itself
+  produced skips that delete. Each (scope, period, type, groupby) is
+  therefore stored once once its period is committed.
+* Before writing, the fence is checked (one SELECT): a worker whose scope
+  was taken over or reset drops the period without touching the points.
+
+Reads (``iter_rated``, ``summary``) follow the SQL period records: only
+points of committed periods are returned, in batches of about
+``READ_BATCH`` points.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from oslo_config import cfg
+
+from cloudkitty_proc import utils
+from cloudkitty_proc.dataframe import DataFrame
+from cloudkitty_proc.exceptions import SchemaError, StaleStateError
+from cloudkitty_proc.storage import models
+from cloudkitty_proc.storage.base import RatedRow, ReprocessTask, TypeSummary
+from cloudkitty_proc.storage.points import PointStore
+from cloudkitty_proc.storage.sql import SQLStorage
+from cloudkitty_proc.storage.sql_rows import EXACT, naive
+
+__all__ = ["ExternalStorage", "READ_BATCH"]
+
+#: points read per request (a batch of whole periods, one period at least)
+READ_BATCH = 5000
+
+_state_t = models.scope_state
+
+
+class ExternalStorage(SQLStorage):
+    """States, periods and tasks in SQL; rated points in ``point_store``.
+
+    Subclasses set ``point_store_class`` (a ``PointStore``) and ``store_option``
+    (the option group, for messages).
+    """
+
+    point_store_class: type[PointStore]
+    #: the ``cloudkitty-proc-manage`` command that creates the store
+    INIT_HINT = "run `cloudkitty-proc-manage storage init`"
+
+    def __init__(self, conf: cfg.ConfigOpts | None = None, *, url=None,
+                 points: PointStore | None = None, scope_key: str | None = None) -> None:
+        super().__init__(conf, url=url)
+        if points is None:
+            if scope_key is None:
+                scope_key = conf.collect.scope_key if conf is not None else "project_id"
+            points = self.point_store_class(conf, scope_key)
+        self.points = points
+        #: scope -> the state version this object's last commit produced; a
+        #: commit expecting another version first deletes the scope's
+        #: uncommitted points (module docstring)
+        self._clean: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.points.name}, {super().__repr__()})"
+
+    @property
+    def green(self) -> bool:
+        return self.points.green
+
+    @green.setter
+    def green(self, value: bool) -> None:
+        self.points.green = value
+
+    def close(self) -> None:
+        super().close()
+        self.points.close()
+
+    # -- schema ---------------------------------------------------------------
+    def upgrade(self) -> None:
+        """The SQL schema, then the point store's database or index."""
+        super().upgrade()
+        self.points.init()
+
+    def check_schema(self) -> None:
+        super().check_schema()
+        if not self.points.initialized():
+            raise SchemaError(f"{self.points.name}: the database or index does not exist: "
+                              f"{self.INIT_HINT}")
+
+    # -- writing ------------------------------------------------------------------
+    def _frame_rows(self, frame: DataFrame, now: datetime.datetime,
+                    worker: str) -> tuple[list, dict]:
+        """The period record only: the points are in the point store."""
+        _rows, period_row = super()._frame_rows(frame, now, worker)
+        return [], period_row
+
+    def _current_version(self, scope_id: str) -> int:
+        with self.reader_engine.connect() as connection:
+            version = connection.execute(
+                sa.select(_state_t.c.version).where(_state_t.c.scope_id == scope_id)).scalar()
+        return 0 if version is None else version
+
+    def commit_period(self, frame: DataFrame, expected_version: int,
+                      *, worker: str = "") -> int:
+        scope_id = frame.scope_id
+        if self._current_version(scope_id) != expected_version:
+            self._clean.pop(scope_id, None)
+            raise self._stale(scope_id, expected_version, naive(frame.begin))
+        if self._clean.pop(scope_id, None) != expected_version:
+            # points past the committed frontier belong to no committed period
+            self.points.delete(scope_id, frame.begin, None)
+        if len(frame):
+            self.points.write(frame)
+        version = super().commit_period(frame, expected_version, worker=worker)
+        self._clean[scope_id] = version
+        return version
+
+    def commit_reprocessed_period(self, task_id: int, frame: DataFrame,
+                                  expected_next_period: datetime.datetime,
+                                  *, worker: str = "") -> ReprocessTask:
+        tasks = self.list_tasks(ids=[task_id])
+        if (not tasks or not tasks[0].active or tasks[0].scope_id != frame.scope_id
+                or tasks[0].next_period != expected_next_period):
+            # the SQL commit refuses it with the right error, writing nothing
+            return super().commit_reprocessed_period(task_id, frame, expected_next_period,
+                                                     worker=worker)
+        # replace the period's points: a changed groupby set leaves nothing stale
+        self.points.delete(frame.scope_id, frame.begin, frame.end)
+        if len(frame):
+            self.points.write(frame)
+        return super().commit_reprocessed_period(task_id, frame, expected_next_period,
+                                                 worker=worker)
+
+    def reset_state(self, scope_id: str, to: datetime.datetime | None,
+                    period: int) -> None:
+        """The SQL reset first (it fences every writer of the scope), then
+        the points from ``to`` on. Should the second step fail, the points
+        left are past the frontier: the next commit of the scope deletes
+        them before writing."""
+        super().reset_state(scope_id, to, period)
+        self._clean.pop(scope_id, None)
+        self.points.delete(scope_id, to or datetime.datetime(1970, 1, 1, tzinfo=utils.UTC),
+                           None)
+
+    # -- reading ---------------------------------------------------------------
+    def _batches(self, scope_id: str | None, begin: datetime.datetime | None,
+                 end: datetime.datetime | None) -> Iterator[tuple[str, list]]:
+        """(scope, [periods]) runs of consecutive committed periods with
+        points, about READ_BATCH points each, ordered by scope and begin."""
+        batch: list = []
+        size = 0
+        for period in self.iter_periods(scope_id, begin, end):
+            if not period.points:
+                continue
+            if batch and (period.scope_id != batch[0].scope_id
+                          or size + period.points > READ_BATCH):
+                yield batch[0].scope_id, batch
+                batch, size = [], 0
+            batch.append(period)
+            size += period.points
+        if batch:
+            yield batch[0].scope_id, batch
+
+    def iter_rated(self, scope_id: str | None = None,
+                   begin: datetime.datetime | None = None,
+                   end: datetime.datetime | None = None) -> Iterator[RatedRow]:
+        """Rows of committed periods, ordered by scope, begin, type, then
+        groupby (the stores keep no insertion order)."""
+        for scope, periods in self._batches(scope_id, begin, end):
+            starts = {p.begin for p in periods}
+            last = periods[-1]
+            rows = [r for r in self.points.read(scope, periods[0].begin, last.end)
+                    if r.begin in starts]
+            rows.sort(key=_row_order)
+            yield from rows
+
+    def summary(self, scope_id: str | None = None) -> list[TypeSummary]:
+        out: list[TypeSummary] = []
+        add = EXACT.add
+        current: str | None = None
+        totals: dict[str, list] = {}
+
+        def flush() -> None:
+            for usage_type in sorted(totals):
+                periods, points, qty, price, _last = totals[usage_type]
+                out.append(TypeSummary(current, usage_type, periods, points, qty, price))
+            totals.clear()
+
+        for row in self.iter_rated(scope_id):
+            if row.scope_id != current:
+                flush()
+                current = row.scope_id
+            entry = totals.get(row.type)
+            if entry is None:
+                entry = totals[row.type] = [0, 0, decimal.Decimal(0), decimal.Decimal(0),
+                                            None]
+            if entry[4] != row.begin:
+                entry[0] += 1
+                entry[4] = row.begin
+            entry[1] += 1
+            entry[2] = add(entry[2], row.qty)
+            entry[3] = add(entry[3], row.price)
+        flush()
+        return out
+
+
+def _row_order(row: RatedRow) -> tuple:
+    return (row.begin, row.type, sorted(row.groupby.items()), sorted(
+        (k, str(v)) for k, v in row.metadata.items()))
