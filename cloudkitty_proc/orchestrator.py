@@ -120,6 +120,8 @@ class Orchestrator(cotyledon.Service):
                                            pool_size(conf))
             # waits for the database's write lock let green threads run
             storage.sleep = self._executor.sleep
+            # a point store's HTTP requests too (green sockets)
+            storage.green = conf.orchestrator.collect_executor != "threads"
             self._coordinator = start_coordinator(
                 conf, f"{self.worker_name}-{os.getpid()}")
         except Exception as exc:  # noqa: BLE001 - whatever it is, this worker cannot run

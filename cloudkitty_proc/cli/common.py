@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc import log as ckp_log
 from cloudkitty_proc import config_check, plugins
-from cloudkitty_proc.exceptions import ConfigError
+from cloudkitty_proc.exceptions import ConfigError, StorageError
 
 CONF = cfg.CONF
 
@@ -58,7 +58,7 @@ def run_cli(fn: Callable[[], int]) -> int:
     """Run ``fn``; turn ConfigError into one line on stderr and exit 1."""
     try:
         return fn()
-    except ConfigError as exc:
+    except (ConfigError, StorageError) as exc:
         print(f"error: {ckp_log.mask_url(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,6 +12,8 @@ from rich.console import Console
 from cloudkitty_proc import (control, data_period, leases, plugins, quote, report, schedule,
                              utils)
 from cloudkitty_proc.cli import common
+from cloudkitty_proc.cli.manage_schema import (checked_storage, cmd_db, cmd_storage,
+                                               open_storage)
 from cloudkitty_proc.exceptions import (CollectError, ConfigError, InvalidRequestError,
                                         RatingError, SchemaError)
 from cloudkitty_proc.rating import cloudkitty_import
@@ -42,6 +44,12 @@ def _add_parsers(subparsers) -> None:
                                   help="re-rate a scope from a given period on")
     reset.add_argument("--scope", dest="scope_ids", action="append", required=True)
     reset.add_argument("--to", required=True)
+
+    storage = subparsers.add_parser("storage", help="the rated-data store")
+    storage_sub = storage.add_subparsers(dest="storage_action")
+    storage_sub.required = True
+    storage_sub.add_parser("init", help="create the InfluxDB database or the Elasticsearch/"
+                           "OpenSearch index and mapping (cloudkitty-storage-init)")
 
     subparsers.add_parser("check", help="validate config files, metrics.yml and rules")
 
@@ -109,40 +117,6 @@ def _add_control_parsers(subparsers) -> None:
 CLI_OPTS = [cfg.SubCommandOpt("command", handler=_add_parsers)]
 
 
-def _storage():
-    return plugins.load_storage(CONF)
-
-
-def _checked_storage():
-    storage = _storage()
-    try:
-        storage.check_schema()
-    except SchemaError as exc:
-        storage.close()
-        raise ConfigError(str(exc)) from None
-    return storage
-
-
-def cmd_db() -> int:
-    storage = _storage()
-    try:
-        action = CONF.command.db_action
-        if action == "upgrade":
-            storage.upgrade()
-            print(f"database schema at revision {storage.current_revision()}")
-        elif action == "set-period":
-            storage.check_schema()
-            old = data_period.change(storage, CONF.collect.period)
-            print(f"period of the stored data: {old or 'none'} -> {CONF.collect.period} s")
-        else:
-            print(storage.current_revision() or "none")
-        return 0
-    except SchemaError as exc:
-        raise ConfigError(str(exc)) from None
-    finally:
-        storage.close()
-
-
 def _due_scopes(states) -> set[str]:
     period = CONF.collect.period
     now = utils.utcnow()
@@ -153,7 +127,7 @@ def _due_scopes(states) -> set[str]:
 
 
 def cmd_status() -> int:
-    storage = _checked_storage()
+    storage = checked_storage()
     try:
         states = storage.get_states(None)
         records = report.state_records(states, CONF.collect.period)
@@ -214,7 +188,7 @@ def cmd_export() -> int:
     cmd = CONF.command
     begin = _time_arg(cmd.begin, "--begin")
     end = _time_arg(cmd.end, "--end")
-    storage = _checked_storage()
+    storage = checked_storage()
     try:
         out = open(cmd.output, "w", encoding="utf-8", newline="") if cmd.output else sys.stdout
         try:
@@ -278,7 +252,7 @@ def _rpc_call(method: str, *, direct_hint: str | None, **kwargs):
 
 def _direct(fn):
     """``fn(storage, fetcher)`` on the database; refusals as one line."""
-    storage = _checked_storage()
+    storage = checked_storage()
     fetcher = plugins.load_fetcher(CONF)
     try:
         return fn(storage, fetcher)
@@ -352,7 +326,7 @@ def cmd_check() -> int:
     finally:
         collector.close()
     plugins.load_fetcher(CONF).close()
-    storage = _storage()
+    storage = open_storage()
     try:
         storage.check_schema()
         data_period.check(storage, CONF.collect.period)
@@ -424,6 +398,7 @@ def cmd_rules() -> int:
 
 COMMANDS = {
     "db": cmd_db,
+    "storage": cmd_storage,
     "status": cmd_status,
     "export": cmd_export,
     "reset-state": cmd_reset_state,

@@ -192,6 +192,11 @@ class BaseStorage(abc.ABC):
     #: replies are handled meanwhile
     sleep: Callable[[float], None]
 
+    #: whether the storage's own network I/O (a point store's HTTP requests)
+    #: uses green sockets: set by a worker running the GreenPool executor
+    #: before the first call; the ``sql`` backend ignores it
+    green: bool = False
+
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         unknown = set(cls.capabilities) - CAPABILITIES
