@@ -80,11 +80,6 @@ def _escape_key(text: str) -> str:
             .replace("=", "\\=").replace("\n", "\\n"))
 
 
-def _escape_tag_value(text: str) -> str:
-    escaped = _escape_key(text)
-    return escaped + " " if escaped.endswith("\\") else escaped
-
-
 def _field_value(value: Any) -> str | None:
     if value is None:
         return None
@@ -101,7 +96,9 @@ def _field_value(value: Any) -> str | None:
 def line(tags: dict[str, str], fields: dict[str, Any], time_ns: int) -> str:
     """One point in line protocol: tags and fields sorted by key, empty
     tags and None fields left out."""
-    tag_text = "".join(f",{_escape_key(k)}={_escape_tag_value(v)}"
+    # values escaped as keys, as the client's make_line does (no trailing
+    # space after a final backslash)
+    tag_text = "".join(f",{_escape_key(k)}={_escape_key(v)}"
                        for k, v in sorted(tags.items()) if v != "")
     field_text = ",".join(f"{_escape_key(k)}={v}" for k, v in (
         (k, _field_value(fields[k])) for k in sorted(fields)) if v is not None)
@@ -236,7 +233,7 @@ class InfluxPointStore(PointStore):
 
     def _write(self, params: dict[str, str], batch: list[str], frame: DataFrame) -> None:
         self.request(f"writing {len(batch)} points of scope {frame.scope_id}", "POST",
-                     "/write", params=params, body="\n".join(batch).encode("utf-8"),
+                     "/write", params=params, body=("\n".join(batch) + "\n").encode("utf-8"),
                      headers={"Content-Type": "application/octet-stream"})
 
     def _where(self, scope_id: str, begin: datetime.datetime,
