@@ -80,6 +80,14 @@ def _escape_key(text: str) -> str:
             .replace("=", "\\=").replace("\n", "\\n"))
 
 
+def _escape_tag_value(text: str) -> str:
+    """A tag value escaped as the client's make_line does, plus a space
+    after a final backslash: InfluxDB 1.x refuses ``k=a\\\\,`` (400 "invalid
+    tag format", the whole request lost) and takes ``k=a\\\\ ,``."""
+    escaped = _escape_key(text)
+    return escaped + " " if escaped.endswith("\\") else escaped
+
+
 def _field_value(value: Any) -> str | None:
     if value is None:
         return None
@@ -96,9 +104,7 @@ def _field_value(value: Any) -> str | None:
 def line(tags: dict[str, str], fields: dict[str, Any], time_ns: int) -> str:
     """One point in line protocol: tags and fields sorted by key, empty
     tags and None fields left out."""
-    # values escaped as keys, as the client's make_line does (no trailing
-    # space after a final backslash)
-    tag_text = "".join(f",{_escape_key(k)}={_escape_key(v)}"
+    tag_text = "".join(f",{_escape_key(k)}={_escape_tag_value(v)}"
                        for k, v in sorted(tags.items()) if v != "")
     field_text = ",".join(f"{_escape_key(k)}={v}" for k, v in (
         (k, _field_value(fields[k])) for k in sorted(fields)) if v is not None)
