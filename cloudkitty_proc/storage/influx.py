@@ -81,6 +81,9 @@ def _escape_key(text: str) -> str:
 
 
 def _escape_tag_value(text: str) -> str:
+    """A tag value escaped as the client's make_line does, plus a space
+    after a final backslash: InfluxDB 1.x refuses ``k=a\\\\,`` (400 "invalid
+    tag format", the whole request lost) and takes ``k=a\\\\ ,``."""
     escaped = _escape_key(text)
     return escaped + " " if escaped.endswith("\\") else escaped
 
@@ -236,7 +239,7 @@ class InfluxPointStore(PointStore):
 
     def _write(self, params: dict[str, str], batch: list[str], frame: DataFrame) -> None:
         self.request(f"writing {len(batch)} points of scope {frame.scope_id}", "POST",
-                     "/write", params=params, body="\n".join(batch).encode("utf-8"),
+                     "/write", params=params, body=("\n".join(batch) + "\n").encode("utf-8"),
                      headers={"Content-Type": "application/octet-stream"})
 
     def _where(self, scope_id: str, begin: datetime.datetime,
