@@ -89,18 +89,39 @@ def lock_name(scope_id: str) -> bytes:
     return ("ckp-scope-" + hashlib.sha256(scope_id.encode()).hexdigest()[:32]).encode()
 
 
+def cloudkitty_lock_name(scope_id: str, collector: str, fetcher: str,
+                         scope_key: str) -> bytes:
+    """The lock name CloudKitty's processor takes for a scope
+    (``cloudkitty/orchestrator.py`` ``get_lock``): a cloudkitty_proc worker
+    and a CloudKitty processor running side by side (a rolling switch) then
+    never hold the same scope at once."""
+    text = f"cloudkitty-{scope_id}-{collector}-{fetcher}-{scope_key}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest().encode("ascii")
+
+
+def lock_name_for(conf: Any, scope_id: str) -> bytes:
+    """The lock name of a scope in the configured mode: CloudKitty's in the
+    drop-in mode (``[cloudkitty_proc] mode = cloudkitty``), ours otherwise."""
+    group = getattr(conf, "cloudkitty_proc", None)
+    if group is not None and getattr(group, "mode", "native") == "cloudkitty":
+        return cloudkitty_lock_name(scope_id, conf.collect.collector, conf.fetcher.backend,
+                                    conf.collect.scope_key)
+    return lock_name(scope_id)
+
+
 @contextlib.contextmanager
 def scope_lease(coordinator: Any, scope_id: str, log: logging.LoggerAdapter, *,
                 on_busy: Callable[[], None] | None = None,
-                quiet: bool = False) -> Iterator[bool]:
+                quiet: bool = False, name: bytes | None = None) -> Iterator[bool]:
     """Hold the lease of ``scope_id`` for the ``with`` block, if it is free.
 
     Yields True with the lease held, released when the block ends however
     it ends. Yields False when another member holds it (``on_busy`` is
     called) or when the backend cannot be reached (a warning, or a debug
     line with ``quiet``, for callers that leave the scope to a later try).
+    ``name``: the lock name (default ``lock_name(scope_id)``).
     """
-    lock = coordinator.get_lock(lock_name(scope_id))
+    lock = coordinator.get_lock(name or lock_name(scope_id))
     reachable = True
     try:
         acquired = lock.acquire(blocking=False)

@@ -79,8 +79,11 @@ class LookAhead:
 
     def __init__(self, coordinator: Any, log: ContextLogger, *,
                  next_scope: Callable[[], str | None],
-                 plan: Callable[[str, ContextLogger], AheadPlan | None]) -> None:
+                 plan: Callable[[str, ContextLogger], AheadPlan | None],
+                 lock_name: Callable[[str], bytes] | None = None) -> None:
         self.coordinator = coordinator
+        #: the scope's lock name (leases.lock_name_for); None: leases.lock_name
+        self._lock_name = lock_name
         self.log = log
         self._next_scope = next_scope
         self._plan = plan
@@ -122,8 +125,9 @@ class LookAhead:
             return None
         ahead = AheadScope(scope_id, self.log.for_scope(scope_id))
         try:
+            name = self._lock_name(scope_id) if self._lock_name is not None else None
             if ahead.lease.enter_context(leases.scope_lease(
-                    self.coordinator, scope_id, ahead.log, quiet=True)):
+                    self.coordinator, scope_id, ahead.log, quiet=True, name=name)):
                 ahead.plan = self._plan(scope_id, ahead.log)
         except Exception as exc:  # noqa: BLE001 - the main loop retries and logs
             ahead.log.debug("no look-ahead: %s", mask_url(exc))

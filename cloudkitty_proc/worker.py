@@ -121,7 +121,8 @@ class Worker:
                                  rating_chain=self.rating_chain, failures=self.failures,
                                  telemetry=self.telemetry, stop_event=self.stop_event)
         self.lookahead = LookAhead(coordinator, self.log, next_scope=self._next_ahead,
-                                   plan=self._plan_ahead)
+                                   plan=self._plan_ahead,
+                                   lock_name=lambda s: leases.lock_name_for(conf, s))
         self._pass: _Pass | None = None
         #: scope ids refused (too long), logged once each
         self._refused_scopes: set[str] = set()
@@ -226,7 +227,8 @@ class Worker:
         None if another member holds its lease."""
         log = self.log.for_scope(scope_id)
         with leases.scope_lease(self.coordinator, scope_id, log,
-                                on_busy=self.telemetry.lock_busy) as held:
+                                on_busy=self.telemetry.lock_busy,
+                                name=leases.lock_name_for(self.conf, scope_id)) as held:
             if not held:
                 return None
             return self._process_leased(scope_id, log)

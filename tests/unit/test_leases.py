@@ -121,3 +121,23 @@ def test_failed_release_is_logged_and_ignored(caplog):
     assert lock.released == 1
     assert any("releasing the scope lock failed: lease lost" in r.getMessage()
                for r in caplog.records)
+
+
+def test_cloudkitty_lock_name_is_cloudkitty_processors():
+    """The name cloudkitty/orchestrator.py's get_lock builds (25.0.0):
+    sha256("cloudkitty-" + id + "-" + collector + "-" + fetcher + "-" +
+    scope_key), hex, for a rolling switch beside CloudKitty processors."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from cloudkitty_proc import leases
+    expected = hashlib.sha256(b"cloudkitty-p1-prometheus-source-project_id").hexdigest()
+    assert leases.cloudkitty_lock_name("p1", "prometheus", "source",
+                                       "project_id") == expected.encode()
+    conf = SimpleNamespace(
+        collect=SimpleNamespace(collector="prometheus", scope_key="project_id"),
+        fetcher=SimpleNamespace(backend="source"),
+        cloudkitty_proc=SimpleNamespace(mode="cloudkitty"))
+    assert leases.lock_name_for(conf, "p1") == expected.encode()
+    conf.cloudkitty_proc.mode = "native"
+    assert leases.lock_name_for(conf, "p1") == leases.lock_name("p1")
