@@ -23,7 +23,9 @@ from cloudkitty_proc.fetchers import prometheus as fetcher_prometheus
 from cloudkitty_proc.fetchers import source as fetcher_source
 from cloudkitty_proc.rating import hashmap as rating_hashmap
 from cloudkitty_proc.rating import pyscripts as rating_pyscripts
+from cloudkitty_proc.storage import elasticsearch as storage_elasticsearch
 from cloudkitty_proc.storage import influx as storage_influx
+from cloudkitty_proc.storage import opensearch as storage_opensearch
 from cloudkitty_proc.storage import sql as storage_sql
 
 CONF = cfg.CONF
@@ -353,6 +355,8 @@ PLUGIN_OPT_MODULES = (
     collector_file,
     storage_sql,
     storage_influx,
+    storage_elasticsearch,
+    storage_opensearch,
     rating_hashmap,
     rating_pyscripts,
 )

@@ -142,9 +142,12 @@ class ExternalStorage(SQLStorage):
                                   expected_next_period: datetime.datetime,
                                   *, worker: str = "") -> ReprocessTask:
         tasks = self.list_tasks(ids=[task_id])
+        processed = self.get_state(frame.scope_id).last_processed
         if (not tasks or not tasks[0].active or tasks[0].scope_id != frame.scope_id
-                or tasks[0].next_period != expected_next_period):
-            # the SQL commit refuses it with the right error, writing nothing
+                or tasks[0].next_period != expected_next_period
+                or processed is None or processed < frame.begin):
+            # the SQL commit refuses it with the right error (a frontier moved
+            # below the period: the task fails), writing nothing
             return super().commit_reprocessed_period(task_id, frame, expected_next_period,
                                                      worker=worker)
         # replace the period's points: a changed groupby set leaves nothing stale
