@@ -11,22 +11,25 @@ connection``), whose rated-rows table stays empty.
 No transaction spans the two stores. How invariants 1-2 still hold
 (doc/source/design.rst, "Backends without transactions"):
 
-* The points of a period are written first, then the SQL transaction
-  advances the state with the same fenced compare-and-set as the ``sql``
-  backend, and records the period. The state never moves past points that
-  were not stored.
+* A commit is one SQL transaction (the ``sql`` backend's): the fenced
+  compare-and-set on the scope's state row, which locks that row; then,
+  inside the transaction, the points are written to the point store; then
+  the period record, and the commit. Another writer of the scope waits on
+  the row lock and is refused by the fence before it touches the points;
+  the state never moves past points that were not stored.
 * Writes are idempotent per (scope, period, type, groupby) (InfluxDB: same
   series and time; Elasticsearch/OpenSearch: a deterministic ``_id``).
 * Points of a scope beyond its committed frontier belong to no committed
-  period: they are left by a write whose commit did not happen (a crash, a
-  refused fence, a failed SQL commit, a reset racing a write). Before its
-  first write of a scope, and after anything but its own successful commit,
-  a storage object deletes the scope's points from the period it is about
-  to write on; only a commit whose expected version this object itself
-  produced skips that delete. Each (scope, period, type, groupby) is
-  therefore stored once once its period is committed.
-* Before writing, the fence is checked (one SELECT): a worker whose scope
-  was taken over or reset drops the period without touching the points.
+  period: they are left by a write whose commit did not happen (a crash,
+  a failed SQL commit, a reset whose delete failed). Before its first write
+  of a scope, and after anything but its own successful commit, a storage
+  object deletes the scope's points from the period it is about to write
+  on; only a commit whose expected version this object itself produced
+  skips that delete. Each (scope, period, type, groupby) is therefore
+  stored once once its period is committed.
+* Reprocessing: the task row is locked and advanced, the period's points
+  deleted and written again, the period record replaced, in one
+  transaction.
 
 Reads (``iter_rated``, ``summary``) follow the SQL period records: only
 points of committed periods are returned, in batches of about
@@ -39,24 +42,20 @@ import datetime
 import decimal
 from collections.abc import Iterator
 
-import sqlalchemy as sa
 from oslo_config import cfg
 
 from cloudkitty_proc import utils
 from cloudkitty_proc.dataframe import DataFrame
-from cloudkitty_proc.exceptions import SchemaError, StaleStateError
-from cloudkitty_proc.storage import models
-from cloudkitty_proc.storage.base import RatedRow, ReprocessTask, TypeSummary
+from cloudkitty_proc.exceptions import SchemaError
+from cloudkitty_proc.storage.base import RatedRow, TypeSummary
 from cloudkitty_proc.storage.points import PointStore
 from cloudkitty_proc.storage.sql import SQLStorage
-from cloudkitty_proc.storage.sql_rows import EXACT, naive
+from cloudkitty_proc.storage.sql_rows import EXACT
 
 __all__ = ["ExternalStorage", "READ_BATCH"]
 
 #: points read per request (a batch of whole periods, one period at least)
 READ_BATCH = 5000
-
-_state_t = models.scope_state
 
 
 class ExternalStorage(SQLStorage):
@@ -117,45 +116,35 @@ class ExternalStorage(SQLStorage):
         _rows, period_row = super()._frame_rows(frame, now, worker)
         return [], period_row
 
-    def _current_version(self, scope_id: str) -> int:
-        with self.reader_engine.connect() as connection:
-            version = connection.execute(
-                sa.select(_state_t.c.version).where(_state_t.c.scope_id == scope_id)).scalar()
-        return 0 if version is None else version
+    fast_sqlite_commit = False
 
     def commit_period(self, frame: DataFrame, expected_version: int,
                       *, worker: str = "") -> int:
+        """SQLStorage's fenced transaction, with the points written inside
+        it (``_store_points``) once the fence held: the scope's state row is
+        locked until the commit, so no other writer of the scope touches its
+        points meanwhile."""
+        try:
+            version = super().commit_period(frame, expected_version, worker=worker)
+        except BaseException:
+            self._clean.pop(frame.scope_id, None)
+            raise
+        self._clean[frame.scope_id] = version
+        return version
+
+    def _store_points(self, frame: DataFrame, expected_version: int) -> None:
         scope_id = frame.scope_id
-        if self._current_version(scope_id) != expected_version:
-            self._clean.pop(scope_id, None)
-            raise self._stale(scope_id, expected_version, naive(frame.begin))
         if self._clean.pop(scope_id, None) != expected_version:
             # points past the committed frontier belong to no committed period
             self.points.delete(scope_id, frame.begin, None)
         if len(frame):
             self.points.write(frame)
-        version = super().commit_period(frame, expected_version, worker=worker)
-        self._clean[scope_id] = version
-        return version
 
-    def commit_reprocessed_period(self, task_id: int, frame: DataFrame,
-                                  expected_next_period: datetime.datetime,
-                                  *, worker: str = "") -> ReprocessTask:
-        tasks = self.list_tasks(ids=[task_id])
-        processed = self.get_state(frame.scope_id).last_processed
-        if (not tasks or not tasks[0].active or tasks[0].scope_id != frame.scope_id
-                or tasks[0].next_period != expected_next_period
-                or processed is None or processed < frame.begin):
-            # the SQL commit refuses it with the right error (a frontier moved
-            # below the period: the task fails), writing nothing
-            return super().commit_reprocessed_period(task_id, frame, expected_next_period,
-                                                     worker=worker)
+    def _store_reprocessed_points(self, frame: DataFrame) -> None:
         # replace the period's points: a changed groupby set leaves nothing stale
         self.points.delete(frame.scope_id, frame.begin, frame.end)
         if len(frame):
             self.points.write(frame)
-        return super().commit_reprocessed_period(task_id, frame, expected_next_period,
-                                                 worker=worker)
 
     def reset_state(self, scope_id: str, to: datetime.datetime | None,
                     period: int) -> None:

@@ -252,7 +252,7 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         now = db_now()
         # everything computed before the transaction: keep the lock short
         rows, period_row = self._frame_rows(frame, now, worker)
-        if self.is_sqlite:
+        if self.is_sqlite and self.fast_sqlite_commit:
             self._commit.commit_period(
                 self._sqlite_writer(), self.sleep, scope_id, expected_version, rows,
                 period_row, lambda: self._stale(scope_id, expected_version, begin))
@@ -274,10 +274,28 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
                         **state_values))
                 except sa_exc.IntegrityError as e:
                     raise self._stale(scope_id, expected_version, begin) from e
+            # the scope's row is locked and the fence held: another writer
+            # of the scope waits here until this transaction ends
+            self._store_points(frame, expected_version)
             connection.execute(_INSERT_PERIOD, period_row)
             self._insert_data(connection, rows)
             faults.point("during_commit")  # crash tests: rows in, not committed
         return expected_version + 1
+
+    #: whether commit_period may take the plain-sqlite3 path on SQLite
+    #: (sqlite_fast.py); a subclass storing points elsewhere does not
+    fast_sqlite_commit = True
+
+    def _store_points(self, frame: DataFrame, expected_version: int) -> None:
+        """Inside ``commit_period``'s transaction, once the fence held and
+        the scope's state row is locked: store the frame's points outside
+        the database (storage/external.py). Nothing here: the rows go in
+        the same transaction."""
+
+    def _store_reprocessed_points(self, frame: DataFrame) -> None:
+        """Inside ``commit_reprocessed_period``'s transaction, once the task
+        is locked and advanced: replace the period's points stored outside
+        the database. Nothing here."""
 
     def _sqlite_writer(self) -> Any:
         """The pooled writer connection commit_period keeps checked out on

@@ -264,6 +264,7 @@ class SQLReprocessTasks:
                             last_error=None, updated_at=now))
                 if result.rowcount != 1:
                     raise stale
+                self._store_reprocessed_points(frame)
                 for table in (_data_t, _period_t):
                     connection.execute(table.delete().where(
                         table.c.scope_id == scope_id, table.c.begin == begin))

@@ -71,16 +71,6 @@ class _SearchContract(StorageContract):
                                .where(models.scope_state.c.scope_id == scope_id)
                                .values(last_processed=utils.to_naive_utc(last_processed)))
 
-    @pytest.mark.xfail(strict=False, reason=(
-        "ExternalStorage (storage/external.py): eight objects committing the same "
-        "period at once all pass the fence check, then each deletes the period's points "
-        "(none is 'clean') and writes its own before the SQL compare-and-set picks one: a "
-        "loser's delete can remove the winner's points and its write stays. Needs the "
-        "scope's SQL row lock held across the point writes; not a point-store matter "
-        "(InfluxStorage has the same race)"))
-    def test_concurrent_commits_race_exactly_one_wins(self, make_storage):
-        super().test_concurrent_commits_race_exactly_one_wins(make_storage)
-
 
 class TestElasticsearchStorageContract(_SearchContract):
     make_storage = contract_fixture("elasticsearch")
