@@ -232,6 +232,13 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         """sql_rows.frame_rows for this database."""
         return frame_rows(frame, now, worker, self.is_sqlite)
 
+    def _store_points(self, frame: DataFrame, *, replace: bool = False) -> None:
+        """Called inside the commit transactions once their checks passed
+        (the scope's state row locked; on SQLite, the write lock), before
+        the period row: by commit_period, and by commit_reprocessed_period
+        (``replace``). Nothing here: the rows go in the transaction;
+        storage/external.py writes the points to their store."""
+
     def _insert_data(self, connection: sa.Connection, rows: list) -> None:
         """Insert ``_frame_rows``' data rows on a Core connection."""
         if not rows:
@@ -255,7 +262,8 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         if self.is_sqlite:
             self._commit.commit_period(
                 self._sqlite_writer(), self.sleep, scope_id, expected_version, rows,
-                period_row, lambda: self._stale(scope_id, expected_version, begin))
+                period_row, lambda: self._stale(scope_id, expected_version, begin),
+                lambda: self._store_points(frame))
             return expected_version + 1
         state_values = {
             "last_processed": begin, "last_commit_at": now, "updated_at": now,
@@ -274,6 +282,7 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
                         **state_values))
                 except sa_exc.IntegrityError as e:
                     raise self._stale(scope_id, expected_version, begin) from e
+            self._store_points(frame)
             connection.execute(_INSERT_PERIOD, period_row)
             self._insert_data(connection, rows)
             faults.point("during_commit")  # crash tests: rows in, not committed
