@@ -100,6 +100,11 @@ def _field_value(value: Any) -> str | None:
         return f"{value}i"
     if isinstance(value, float):
         return repr(value)
+    if not isinstance(value, str):
+        try:  # Decimal and other numbers: a float, as the client writes them
+            return repr(float(value))
+        except (TypeError, ValueError):
+            pass
     text = str(value)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
