@@ -166,8 +166,8 @@ class CommitConnection:
                       after_state: Callable[[], None] | None = None) -> None:
         """commit_period's transaction on ``raw`` (from ``get``): the state
         compare-and-set (``stale()`` raised when it fails), ``after_state()``,
-        the period row, the rated rows. sqlite3 errors are raised wrapped as SQLAlchemy's,
-        as on the Core path."""
+        the period row, the rated rows. sqlite3 errors are raised wrapped as
+        SQLAlchemy's, as on the Core path."""
         con = raw.driver_connection
         begin = sqlite_datetime(period_row["begin"])
         now = sqlite_datetime(period_row["committed_at"])
