@@ -20,9 +20,9 @@ may hold them) would be one point there: the second gets the tag
 ``__ck_dup=1`` (the third ``2``, …), which CloudKitty's reads ignore
 (groupby is rebuilt from the ``groupby`` field) and its sums include.
 Writes go in line protocol, ``[storage_influxdb] write_batch_size`` points
-per request (CloudKitty's client sends 500). Deletes send UTC timestamps with their zone
-(CloudKitty's send naive ones, which InfluxDB refuses: its reprocessing
-never completes on InfluxDB 1.x).
+per request (CloudKitty's client sends 500). Deletes send UTC timestamps
+with their zone (CloudKitty's send naive ones, which InfluxDB refuses: its
+reprocessing never completes on InfluxDB 1.x).
 
 States, periods and tasks stay in SQL (``storage/external.py``). InfluxDB 2
 (``version = 2``) is not supported: refused at start.
