@@ -1446,8 +1446,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.storage == "influxdb" and not args.floor_only:
             sys.path.insert(0, str(REPO))
             from tests.influxdb_server import running_influxdb
-            args.influx_server = stack.enter_context(running_influxdb(
-                tempfile.mkdtemp(prefix="ckp-bench-influxd-", dir=args.workdir)))
+            influx_dir = tempfile.mkdtemp(prefix="ckp-bench-influxd-", dir=args.workdir)
+            if not args.keep:
+                stack.callback(shutil.rmtree, influx_dir, ignore_errors=True)
+            args.influx_server = stack.enter_context(running_influxdb(influx_dir))
         if not args.floor_only:
             run_all(specs, args, summaries)
     for fspec in floor_specs:
