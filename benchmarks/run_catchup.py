@@ -46,12 +46,18 @@ Examples::
     python benchmarks/run_catchup.py --workload W1 --json results.jsonl
     python benchmarks/run_catchup.py --suite                        # issue 6
         # acceptance: W1 x1, W1 x2, W2 x1 + floor, W3 x1, against the targets
+    python benchmarks/run_catchup.py --workload W2 --storage influxdb
+        # the influxdb backend (a private influxd, tests/influxdb_server.py;
+        # states in SQLite), then the same run on the sql backend: the ratio,
+        # and InfluxDB's HTTP requests per period
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import dataclasses
 import datetime
 import itertools
 import json
@@ -220,6 +226,7 @@ class RunSpec:
     db: str | None = None
     log_level: str = "INFO"
     extra_conf: str = ""
+    storage: str = "sql"
 
     @property
     def metrics(self) -> int:
@@ -236,6 +243,8 @@ class RunSpec:
     @property
     def label(self) -> str:
         extra = f" la={self.lookahead}" if self.lookahead else ""
+        if self.storage != "sql":
+            extra += f" {self.storage}"
         return (f"{self.workload} {self.scopes}x{self.periods}x{self.metrics}x{self.series} "
                 f"{self.latency_ms:g}ms w={self.workers} {self.executor} "
                 f"G={self.greenthreads}{extra}")
@@ -459,6 +468,18 @@ def read_results(url: str) -> dict:
             "worker_commits": {w: (ts(a), ts(b)) for w, _n, a, b in spans}}
 
 
+def influx_stats(server) -> dict:
+    """InfluxDB's HTTP counters (``/debug/vars``) and influxd's CPU seconds."""
+    import urllib.request
+    with urllib.request.urlopen(server.url + "/debug/vars", timeout=10) as resp:
+        data = json.load(resp)
+    values = next(v["values"] for k, v in data.items() if k.startswith("httpd"))
+    t = psutil.Process(server.pid).cpu_times()
+    return {"requests": values["req"], "writes": values["writeReq"],
+            "queries": values["queryReq"], "points_written": values["pointsWrittenOK"],
+            "cpu_s": t.user + t.system}
+
+
 def cpu_reference() -> float:
     """Milliseconds for a fixed CPU mix (json, Decimal, dicts: the worker's
     kind of work), best of 3, measured just before a run. This machine's
@@ -520,7 +541,19 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
                               "workdir": str(workdir), "code": code_version(),
                               "cpu_ref_ms": cpu_reference()}
     profiler: subprocess.Popen | None = None
+    influx = getattr(args, "influx_server", None) if spec.storage == "influxdb" else None
     try:
+        if influx is not None:
+            influx_db = influx.create_database()
+            spec = dataclasses.replace(spec, extra_conf=spec.extra_conf + textwrap.dedent(f"""
+                [storage]
+                backend = influxdb
+                [storage_influxdb]
+                host = {influx.host}
+                port = {influx.port}
+                database = {influx_db}
+                """))
+            influx0 = influx_stats(influx)
         conf = write_config(spec, workdir, server.url)
         prepare_db(spec, conf, workdir)
         url = db_url_of(spec, workdir)
@@ -624,6 +657,14 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
             result["occupancy"] = occupancy(trace, spec.greenthreads * spec.workers)
 
         db = read_results(url)
+        if influx is not None:
+            influx1 = influx_stats(influx)
+            result["influx"] = {k: influx1[k] - influx0[k] for k in influx1}
+            [count] = influx.query("SELECT count(qty) FROM dataframes", db=influx_db)
+            values = [s["values"][0][1] for s in count.get("series", [])]
+            result["influx"]["points_stored"] = values[0] if values else 0
+            db["rows"] = db["points"]  # no rated_data rows: the period records count them
+            influx.drop_database(influx_db)
         result.update(rc=rc, wall=wall, started_at=t_start, server=srv, db=db,
                       t10=t10)
         result["cpu_tree"] = ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
@@ -1311,7 +1352,7 @@ def spec_from_args(args: argparse.Namespace, **over) -> RunSpec:
     kw = dict(workload=args.workload, workers=args.workers, greenthreads=args.greenthreads,
               executor=args.executor, lookahead=args.lookahead,
               max_periods_per_lock=args.max_periods_per_lock, db=args.db,
-              log_level=args.log_level, **w)
+              log_level=args.log_level, storage=args.storage, **w)
     kw.update(over)
     return RunSpec(**kw)
 
@@ -1335,6 +1376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-periods-per-lock", type=int)
     ap.add_argument("--db", help="SQLAlchemy URL (default: SQLite in the work directory); "
                     "its tables are emptied first")
+    ap.add_argument("--storage", choices=("sql", "influxdb"), default="sql",
+                    help="[storage] backend; influxdb starts a private influxd "
+                    "(tests/influxdb_server.py) and runs each spec on sql too, for the ratio")
     ap.add_argument("--log-level", default="INFO",
                     help="level of the cloudkitty_proc loggers (INFO logs each commit)")
     ap.add_argument("--server", choices=("subprocess", "inproc"), default="subprocess",
@@ -1386,6 +1430,9 @@ def main(argv: list[str] | None = None) -> int:
                 specs.append(spec_from_args(args, executor=ex.strip(), greenthreads=int(g)))
     else:
         specs.append(spec_from_args(args))
+    if args.storage != "sql" and not args.floor_only:
+        # each run again on the sql backend, for the ratio
+        specs = [s for sp in specs for s in (sp, dataclasses.replace(sp, storage="sql"))]
     if args.floor_only:
         specs = specs[:1]
     floor_specs = [sp for sp in specs if sp.workload == "W2"][:1]
@@ -1395,20 +1442,16 @@ def main(argv: list[str] | None = None) -> int:
         floor_specs = []
 
     summaries = []
-    if not args.floor_only:
-        for spec in specs:
-            for _ in range(args.repeat):
-                print(f"running {spec.label} ...", flush=True)
-                r = run_one(spec, args)
-                s = summarize(r, spec)
-                summaries.append(s)
-                print_run(s, r, spec)
-                if args.json:
-                    with open(args.json, "a") as fh:
-                        fh.write(json.dumps({"summary": s, "profile": r.get("profile"),
-                                             "at": time.time()}, default=str) + "\n")
-        if len(summaries) > 1:
-            print_table(summaries)
+    with contextlib.ExitStack() as stack:
+        if args.storage == "influxdb" and not args.floor_only:
+            sys.path.insert(0, str(REPO))
+            from tests.influxdb_server import running_influxdb
+            influx_dir = tempfile.mkdtemp(prefix="ckp-bench-influxd-", dir=args.workdir)
+            if not args.keep:
+                stack.callback(shutil.rmtree, influx_dir, ignore_errors=True)
+            args.influx_server = stack.enter_context(running_influxdb(influx_dir))
+        if not args.floor_only:
+            run_all(specs, args, summaries)
     for fspec in floor_specs:
         f = measure_floor(fspec, args.workdir)
         best = max((s["points_per_s"] or 0 for s in summaries
@@ -1421,6 +1464,43 @@ def main(argv: list[str] | None = None) -> int:
         print_targets(summaries)
     bad = [s for s in summaries if s["rc"] != 0 or s["periods"] != s["expected_periods"]]
     return 1 if bad else 0
+
+
+def run_all(specs: list[RunSpec], args: argparse.Namespace, summaries: list[dict]) -> None:
+    """Run every spec (``--repeat`` times), print each, then the table."""
+    for spec in specs:
+        for _ in range(args.repeat):
+            print(f"running {spec.label} ...", flush=True)
+            r = run_one(spec, args)
+            s = summarize(r, spec)
+            s["influx"] = r.get("influx")
+            summaries.append(s)
+            print_run(s, r, spec)
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps({"summary": s, "profile": r.get("profile"),
+                                         "at": time.time()}, default=str) + "\n")
+    if len(summaries) > 1:
+        print_table(summaries)
+    if args.storage != "sql":
+        print_storage_ratio(summaries)
+
+
+def print_storage_ratio(summaries: list[dict]) -> None:
+    """Each influxdb run against the sql run of the same spec after it."""
+    print("\n=== influxdb vs sql (SQLite) ===")
+    for a, b in zip(summaries, summaries[1:]):
+        if not a.get("influx") or b.get("influx") or not a["label"].endswith(" influxdb"):
+            continue
+        i, periods = a["influx"], a["periods"] or 1
+        ratio = (a["points_per_s"] / b["points_per_s"]
+                 if a["points_per_s"] and b["points_per_s"] else None)
+        print(f"  {a['label']}: {fmt(a['points_per_s'], ',.0f')} datapoints/s vs "
+              f"{fmt(b['points_per_s'], ',.0f')} on SQLite: ratio {fmt(ratio, '.2f')}")
+        print(f"    InfluxDB: {i['requests']:,} HTTP requests ({i['writes']:,} writes, "
+              f"{i['queries']:,} queries) = {i['requests'] / periods:.2f} per period; "
+              f"{i['points_written']:,} points written, {i['points_stored']:,} stored; "
+              f"influxd CPU {i['cpu_s']:.2f} s")
 
 
 def print_targets(summaries: list[dict]) -> None:

@@ -134,3 +134,21 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def influxdb_server(tmp_path_factory):
+    """A private influxd for the session (tests/influxdb_server.py)."""
+    from tests.influxdb_server import running_influxdb
+    with running_influxdb(tmp_path_factory.mktemp("influxdb")) as server:
+        yield server
+
+
+@pytest.fixture
+def influxdb_database(influxdb_server):
+    """A fresh database on the session's influxd, dropped after the test:
+    (server, database name)."""
+    name = influxdb_server.create_database()
+    yield influxdb_server, name
+    if name in influxdb_server.databases():
+        influxdb_server.drop_database(name)

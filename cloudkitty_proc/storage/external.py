@@ -11,25 +11,30 @@ connection``), whose rated-rows table stays empty.
 No transaction spans the two stores. How invariants 1-2 still hold
 (doc/source/design.rst, "Backends without transactions"):
 
-* A commit is one SQL transaction (the ``sql`` backend's): the fenced
-  compare-and-set on the scope's state row, which locks that row; then,
-  inside the transaction, the points are written to the point store; then
-  the period record, and the commit. Another writer of the scope waits on
-  the row lock and is refused by the fence before it touches the points;
-  the state never moves past points that were not stored.
+* The SQL transaction of a commit first advances the state with the same
+  fenced compare-and-set as the ``sql`` backend (which locks the scope's
+  state row; on SQLite the write lock is held from BEGIN IMMEDIATE), then
+  writes the period's points to the store, then records the period and
+  commits. A worker fenced off writes no point; two writers of one scope
+  never write points at once (the second waits for the lock, then fails
+  its compare-and-set); the state never moves past points that were not
+  stored (a failed write rolls the transaction back).
 * Writes are idempotent per (scope, period, type, groupby) (InfluxDB: same
   series and time; Elasticsearch/OpenSearch: a deterministic ``_id``).
 * Points of a scope beyond its committed frontier belong to no committed
-  period: they are left by a write whose commit did not happen (a crash,
-  a failed SQL commit, a reset whose delete failed). Before its first write
-  of a scope, and after anything but its own successful commit, a storage
-  object deletes the scope's points from the period it is about to write
-  on; only a commit whose expected version this object itself produced
-  skips that delete. Each (scope, period, type, groupby) is therefore
-  stored once once its period is committed.
-* Reprocessing: the task row is locked and advanced, the period's points
-  deleted and written again, the period record replaced, in one
-  transaction.
+  period: they are left by a write whose commit did not happen (a crash, a
+  failed SQL commit, a reset whose point delete failed). Before its first
+  write of a scope, and after anything but its own successful commit, a
+  storage object deletes the scope's points from the period it is about to
+  write on; only a commit whose expected version this object itself
+  produced skips that delete. Each (scope, period, type, groupby) is
+  therefore stored once once its period is committed.
+* A reprocessed period's points are replaced (deleted, then written) in
+  the SQL transaction that moves the task, once its checks passed.
+* ``reset_state``: the SQL reset, then, in a transaction holding the
+  scope's lock again, the points from ``to`` up to the first period
+  committed since (a worker that committed meanwhile already deleted them
+  from there on, and its points must stay).
 
 Reads (``iter_rated``, ``summary``) follow the SQL period records: only
 points of committed periods are returned, in batches of about
@@ -42,20 +47,26 @@ import datetime
 import decimal
 from collections.abc import Iterator
 
+import sqlalchemy as sa
 from oslo_config import cfg
 
 from cloudkitty_proc import utils
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import SchemaError
+from cloudkitty_proc.storage import models
 from cloudkitty_proc.storage.base import RatedRow, TypeSummary
 from cloudkitty_proc.storage.points import PointStore
 from cloudkitty_proc.storage.sql import SQLStorage
-from cloudkitty_proc.storage.sql_rows import EXACT
+from cloudkitty_proc.storage.sql_rows import EXACT, naive
 
 __all__ = ["ExternalStorage", "READ_BATCH"]
 
 #: points read per request (a batch of whole periods, one period at least)
 READ_BATCH = 5000
+
+_state_t = models.scope_state
+_period_t = models.rated_period
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=utils.UTC)
 
 
 class ExternalStorage(SQLStorage):
@@ -81,6 +92,8 @@ class ExternalStorage(SQLStorage):
         #: commit expecting another version first deletes the scope's
         #: uncommitted points (module docstring)
         self._clean: dict[str, int] = {}
+        #: commit_period's decision for _store_points
+        self._skip_delete = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.points.name}, {super().__repr__()})"
@@ -116,46 +129,52 @@ class ExternalStorage(SQLStorage):
         _rows, period_row = super()._frame_rows(frame, now, worker)
         return [], period_row
 
-    fast_sqlite_commit = False
-
     def commit_period(self, frame: DataFrame, expected_version: int,
                       *, worker: str = "") -> int:
-        """SQLStorage's fenced transaction, with the points written inside
-        it (``_store_points``) once the fence held: the scope's state row is
-        locked until the commit, so no other writer of the scope touches its
-        points meanwhile."""
-        try:
-            version = super().commit_period(frame, expected_version, worker=worker)
-        except BaseException:
-            self._clean.pop(frame.scope_id, None)
-            raise
-        self._clean[frame.scope_id] = version
+        """The SQL commit, which calls ``_store_points`` once its
+        compare-and-set succeeded (module docstring)."""
+        scope_id = frame.scope_id
+        # this object's own commit produced the expected version: nothing
+        # was written past the frontier since
+        self._skip_delete = self._clean.pop(scope_id, None) == expected_version
+        version = super().commit_period(frame, expected_version, worker=worker)
+        self._clean[scope_id] = version
         return version
 
-    def _store_points(self, frame: DataFrame, expected_version: int) -> None:
-        scope_id = frame.scope_id
-        if self._clean.pop(scope_id, None) != expected_version:
+    def _store_points(self, frame: DataFrame, *, replace: bool = False) -> None:
+        """In the SQL commit transaction, the scope locked: the frame's
+        points to the store. A reprocessed period (``replace``) loses its
+        old points first (a changed groupby set leaves nothing stale); a
+        normal commit deletes the points past the frontier first unless
+        ``_skip_delete``."""
+        if replace:
+            self.points.delete(frame.scope_id, frame.begin, frame.end)
+        elif not self._skip_delete:
             # points past the committed frontier belong to no committed period
-            self.points.delete(scope_id, frame.begin, None)
-        if len(frame):
-            self.points.write(frame)
-
-    def _store_reprocessed_points(self, frame: DataFrame) -> None:
-        # replace the period's points: a changed groupby set leaves nothing stale
-        self.points.delete(frame.scope_id, frame.begin, frame.end)
+            self.points.delete(frame.scope_id, frame.begin, None)
         if len(frame):
             self.points.write(frame)
 
     def reset_state(self, scope_id: str, to: datetime.datetime | None,
                     period: int) -> None:
-        """The SQL reset first (it fences every writer of the scope), then
-        the points from ``to`` on. Should the second step fail, the points
-        left are past the frontier: the next commit of the scope deletes
-        them before writing."""
+        """The SQL reset first (it fences every writer of the scope), then,
+        the scope locked again, the points from ``to`` up to the first
+        period committed since the reset. Should the second step fail, the
+        points left are past the frontier: the next commit of the scope
+        deletes them before writing."""
         super().reset_state(scope_id, to, period)
         self._clean.pop(scope_id, None)
-        self.points.delete(scope_id, to or datetime.datetime(1970, 1, 1, tzinfo=utils.UTC),
-                           None)
+        begin = to or EPOCH
+        with self.engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE
+            connection.execute(sa.select(_state_t.c.scope_id)
+                               .where(_state_t.c.scope_id == scope_id).with_for_update())
+            first = connection.execute(
+                sa.select(sa.func.min(_period_t.c.begin))
+                .where(_period_t.c.scope_id == scope_id,
+                       _period_t.c.begin >= naive(begin))).scalar()
+            end = None if first is None else utils.from_db(first)
+            if end is None or end > begin:
+                self.points.delete(scope_id, begin, end)
 
     # -- reading ---------------------------------------------------------------
     def _batches(self, scope_id: str | None, begin: datetime.datetime | None,

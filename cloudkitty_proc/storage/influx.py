@@ -14,11 +14,15 @@ Points are written as CloudKitty 25.0.0's InfluxDB driver writes them
   lists joined by ``|``, ``__ck_collect_period`` = the period in seconds.
 
 A point is identified by its series (measurement and tags) and time, so a
-period written again replaces its points. Writes go in line protocol,
-``[storage_influxdb] write_batch_size`` points per request (CloudKitty's
-client sends 500). Deletes send UTC timestamps with their zone
-(CloudKitty's send naive ones, which InfluxDB refuses: its reprocessing
-never completes on InfluxDB 1.x).
+period written again replaces its points. Two points of one period with
+equal tags (the same type and groupby: no collector makes them, a frame
+may hold them) would be one point there: the second gets the tag
+``__ck_dup=1`` (the third ``2``, …), which CloudKitty's reads ignore
+(groupby is rebuilt from the ``groupby`` field) and its sums include.
+Writes go in line protocol, ``[storage_influxdb] write_batch_size`` points
+per request (CloudKitty's client sends 500). Deletes send UTC timestamps
+with their zone (CloudKitty's send naive ones, which InfluxDB refuses: its
+reprocessing never completes on InfluxDB 1.x).
 
 States, periods and tasks stay in SQL (``storage/external.py``). InfluxDB 2
 (``version = 2``) is not supported: refused at start.
@@ -46,6 +50,8 @@ __all__ = ["InfluxPointStore", "InfluxStorage", "OPTS", "line", "rfc3339"]
 GROUP = "storage_influxdb"
 MEASUREMENT = "dataframes"
 PERIOD_FIELD = "__ck_collect_period"
+#: the tag telling apart points of one period whose tags are all equal
+DUP_TAG = "__ck_dup"
 UTC = datetime.timezone.utc
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -97,6 +103,11 @@ def _field_value(value: Any) -> str | None:
         return f"{value}i"
     if isinstance(value, float):
         return repr(value)
+    if not isinstance(value, str):
+        try:  # Decimal and other numbers: a float, as the client writes them
+            return repr(float(value))
+        except (TypeError, ValueError):
+            pass
     text = str(value)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -212,6 +223,7 @@ class InfluxPointStore(PointStore):
         time_ns = _ns(frame.begin)
         period = period_seconds(frame)
         scope_key, scope_id = self.scope_key, frame.scope_id
+        seen: dict[tuple, int] = {}
         for usage_type, point in frame.iterpoints():
             fields = dict(point.metadata)
             fields["qty"] = float(point.qty)
@@ -224,6 +236,12 @@ class InfluxPointStore(PointStore):
             tags["type"] = usage_type
             if scope_key not in tags:
                 tags[scope_key] = scope_id
+            # a second point of the same series would overwrite the first
+            series = tuple(sorted((k, v) for k, v in tags.items() if v != ""))
+            repeat = seen.get(series, 0)
+            seen[series] = repeat + 1
+            if repeat:
+                tags[DUP_TAG] = str(repeat)
             yield line(tags, fields, time_ns)
 
     def write(self, frame: DataFrame) -> None:

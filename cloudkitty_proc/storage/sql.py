@@ -232,6 +232,13 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         """sql_rows.frame_rows for this database."""
         return frame_rows(frame, now, worker, self.is_sqlite)
 
+    def _store_points(self, frame: DataFrame, *, replace: bool = False) -> None:
+        """Called inside the commit transactions once their checks passed
+        (the scope's state row locked; on SQLite, the write lock), before
+        the period row: by commit_period, and by commit_reprocessed_period
+        (``replace``). Nothing here: the rows go in the transaction;
+        storage/external.py writes the points to their store."""
+
     def _insert_data(self, connection: sa.Connection, rows: list) -> None:
         """Insert ``_frame_rows``' data rows on a Core connection."""
         if not rows:
@@ -252,10 +259,11 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         now = db_now()
         # everything computed before the transaction: keep the lock short
         rows, period_row = self._frame_rows(frame, now, worker)
-        if self.is_sqlite and self.fast_sqlite_commit:
+        if self.is_sqlite:
             self._commit.commit_period(
                 self._sqlite_writer(), self.sleep, scope_id, expected_version, rows,
-                period_row, lambda: self._stale(scope_id, expected_version, begin))
+                period_row, lambda: self._stale(scope_id, expected_version, begin),
+                lambda: self._store_points(frame))
             return expected_version + 1
         state_values = {
             "last_processed": begin, "last_commit_at": now, "updated_at": now,
@@ -274,28 +282,11 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
                         **state_values))
                 except sa_exc.IntegrityError as e:
                     raise self._stale(scope_id, expected_version, begin) from e
-            # the scope's row is locked and the fence held: another writer
-            # of the scope waits here until this transaction ends
-            self._store_points(frame, expected_version)
+            self._store_points(frame)
             connection.execute(_INSERT_PERIOD, period_row)
             self._insert_data(connection, rows)
             faults.point("during_commit")  # crash tests: rows in, not committed
         return expected_version + 1
-
-    #: whether commit_period may take the plain-sqlite3 path on SQLite
-    #: (sqlite_fast.py); a subclass storing points elsewhere does not
-    fast_sqlite_commit = True
-
-    def _store_points(self, frame: DataFrame, expected_version: int) -> None:
-        """Inside ``commit_period``'s transaction, once the fence held and
-        the scope's state row is locked: store the frame's points outside
-        the database (storage/external.py). Nothing here: the rows go in
-        the same transaction."""
-
-    def _store_reprocessed_points(self, frame: DataFrame) -> None:
-        """Inside ``commit_reprocessed_period``'s transaction, once the task
-        is locked and advanced: replace the period's points stored outside
-        the database. Nothing here."""
 
     def _sqlite_writer(self) -> Any:
         """The pooled writer connection commit_period keeps checked out on

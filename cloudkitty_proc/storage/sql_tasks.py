@@ -8,8 +8,8 @@ as everywhere in the ``sql`` storage: the scope_state row first, then task
 rows, then rated rows.
 
 ``SQLReprocessTasks`` is a part of ``SQLStorage`` (sql.py); it uses the
-storage's ``engine``, ``reader_engine``, ``_frame_rows`` and
-``_insert_data``.
+storage's ``engine``, ``reader_engine``, ``_frame_rows``, ``_insert_data``
+and ``_store_points``.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ class SQLReprocessTasks:
                             last_error=None, updated_at=now))
                 if result.rowcount != 1:
                     raise stale
-                self._store_reprocessed_points(frame)
+                self._store_points(frame, replace=True)
                 for table in (_data_t, _period_t):
                     connection.execute(table.delete().where(
                         table.c.scope_id == scope_id, table.c.begin == begin))

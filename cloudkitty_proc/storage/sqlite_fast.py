@@ -162,11 +162,12 @@ class CommitConnection:
 
     def commit_period(self, raw: Any, sleep: Callable[[float], None], scope_id: str,
                       expected_version: int, rows: list, period_row: dict,
-                      stale: Callable[[], Exception]) -> None:
+                      stale: Callable[[], Exception],
+                      after_state: Callable[[], None] | None = None) -> None:
         """commit_period's transaction on ``raw`` (from ``get``): the state
-        compare-and-set (``stale()`` raised when it fails), the period row,
-        the rated rows. sqlite3 errors are raised wrapped as SQLAlchemy's,
-        as on the Core path."""
+        compare-and-set (``stale()`` raised when it fails), ``after_state()``,
+        the period row, the rated rows. sqlite3 errors are raised wrapped as
+        SQLAlchemy's, as on the Core path."""
         con = raw.driver_connection
         begin = sqlite_datetime(period_row["begin"])
         now = sqlite_datetime(period_row["committed_at"])
@@ -186,6 +187,8 @@ class CommitConnection:
                     con.execute(statement, (scope_id, begin, now, now, now))
                 except sqlite3.IntegrityError as e:
                     raise stale() from e
+            if after_state is not None:
+                after_state()
             statement = _INSERT_PERIOD
             con.execute(statement, (
                 scope_id, begin, sqlite_datetime(period_row["end"]), period_row["points"],

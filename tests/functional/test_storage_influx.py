@@ -1,0 +1,274 @@
+"""The ``influxdb`` storage against a real InfluxDB 1.x (a private influxd,
+tests/influxdb_server.py): what is specific to it. The points are checked
+with InfluxQL through the server's HTTP API (``InfluxServer.points``), not
+through the store under test. What every backend must do is in the contract
+suite (test_storage_contract_influx.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from cloudkitty_proc.dataframe import DataFrame, DataPoint
+from cloudkitty_proc.exceptions import SchemaError, StorageError
+from cloudkitty_proc.storage.influx import InfluxPointStore, InfluxStorage
+from cloudkitty_proc.storage.sql import SQLStorage
+from tests.functional.test_storage_contract_influx import influx_storage
+from tests.storage_contract import D, PERIOD, at
+
+NS = 10**9
+
+
+def ns(dt: datetime.datetime) -> int:
+    return int(dt.timestamp()) * NS
+
+
+def frame(scope: str, n: int, ids, price: str = "1", usage_type: str = "instance",
+          metadata=None) -> DataFrame:
+    """Period ``n`` of ``scope``: one point per id."""
+    f = DataFrame(scope, at(n), at(n + 1))
+    f.add_points(usage_type, [
+        DataPoint("instance", D(1), D(price), {"project_id": scope, "id": i},
+                  dict(metadata or {"flavor_name": "m1.small"}))
+        for i in ids])
+    return f
+
+
+@pytest.fixture
+def sql_url(tmp_path):
+    return f"sqlite:///{tmp_path}/ckp.sqlite"
+
+
+@pytest.fixture
+def make(sql_url, influxdb_database):
+    server, database = influxdb_database
+    made = []
+
+    def make_storage(**options):
+        storage = influx_storage(sql_url, server, database, **options)
+        made.append(storage)
+        storage.upgrade()
+        return storage
+
+    yield make_storage
+    for storage in made:
+        storage.close()
+
+
+@pytest.fixture
+def raw(influxdb_database):
+    """raw(scope=None) -> the points InfluxDB holds (InfluxQL, not our store)."""
+    server, database = influxdb_database
+
+    def points(scope: str | None = None) -> list[dict]:
+        where = "" if scope is None else " WHERE project_id = '" + scope.replace(
+            "\\", "\\\\").replace("'", "\\'") + "'"
+        return server.points("SELECT * FROM dataframes" + where, database)
+
+    return points
+
+
+def keys(points) -> list[tuple]:
+    """(time, id) of each point, sorted."""
+    return sorted((p["time"], p["id"]) for p in points)
+
+
+# -- the written layout -------------------------------------------------------
+
+def test_line_is_the_one_cloudkittys_client_writes():
+    """The line captured from CloudKitty 25.0.0's InfluxDB driver
+    (CLOUDKITTY-DROPIN §2.2), byte for byte."""
+    begin = datetime.datetime.fromtimestamp(1796562000, datetime.timezone.utc)
+    f = DataFrame("p1", begin, begin + datetime.timedelta(hours=1))
+    f.add_points("instance", [DataPoint(
+        "instance", D("7"), D("0.1"),
+        {"id": "vm-1", "project_id": "p1", "week_of_the_year": "49",
+         "day_of_the_year": "340", "month": "12", "year": "2026"},
+        {"flavor_name": "m1.small"})])
+    store = InfluxPointStore(None, "project_id", database="ck")
+    assert list(store.lines(f)) == [
+        'dataframes,day_of_the_year=340,id=vm-1,month=12,project_id=p1,type=instance,'
+        'week_of_the_year=49,year=2026 __ck_collect_period=3600i,flavor_name="m1.small",'
+        'groupby="id|project_id|week_of_the_year|day_of_the_year|month|year",'
+        'metadata="flavor_name",price=0.1,qty=7.0,unit="instance" 1796562000000000000']
+
+
+def test_points_in_cloudkittys_layout_and_read_back(make, raw):
+    storage = make()
+    f = DataFrame("p 1,\"x'", at(0), at(1))  # a scope id needing every escape
+    # (as CloudKitty's client writes them, InfluxDB 1.x keeps a tag's backslashes
+    # doubled and a field's newline as \\n: not tested)
+    f.add_points("volume.size", [DataPoint(
+        "GiB", D("2.5"), D("0.125"), {"project_id": "p 1,\"x'", "id": "v=1 ,"},
+        {"volume_type": "s\\s\"d", "n": 3, "ok": True, "gone": None, "r": D("0.5")})])
+    storage.commit_period(f, 0)
+    [p] = raw()
+    assert p == {
+        "time": ns(at(0)), "project_id": "p 1,\"x'", "id": "v=1 ,", "type": "volume.size",
+        "qty": 2.5, "price": 0.125, "unit": "GiB", "groupby": "project_id|id",
+        "metadata": "volume_type|n|ok|gone|r", "volume_type": "s\\s\"d", "n": 3, "ok": True,
+        "r": 0.5, "__ck_collect_period": 3600}
+    [row] = storage.iter_rated("p 1,\"x'")
+    assert (row.groupby, row.metadata) == (
+        {"project_id": "p 1,\"x'", "id": "v=1 ,"},
+        {"volume_type": "s\\s\"d", "n": 3, "ok": True, "gone": "", "r": 0.5})
+
+
+def test_points_with_equal_tags_are_all_kept(make, raw):
+    """Two points of one period with the same type and groupby would be one
+    InfluxDB point: the second carries __ck_dup=1."""
+    storage = make()
+    f = DataFrame("p1", at(0), at(1))
+    f.add_points("instance", [DataPoint("instance", D(1), D("0.5"), {"id": "a"}, {}),
+                              DataPoint("instance", D(2), D("0.25"), {"id": "a"}, {})])
+    storage.commit_period(f, 0)
+    points = raw()
+    assert sorted((p["qty"], p.get("__ck_dup")) for p in points) == [(1.0, None), (2.0, "1")]
+    [summary] = storage.summary("p1")
+    assert (summary.points, summary.qty, summary.price) == (2, D(3), D("0.75"))
+
+
+# -- replacing points -----------------------------------------------------------
+
+def test_a_rewritten_period_replaces_its_points(make, raw):
+    storage = make()
+    storage.commit_period(frame("p1", 0, ["a", "b"], price="1"), 0)
+    # the same (scope, period, type, groupby) written again: replaced, not added
+    storage.points.write(frame("p1", 0, ["a", "b"], price="3"))
+    points = raw("p1")
+    assert keys(points) == [(ns(at(0)), "a"), (ns(at(0)), "b")]
+    assert {p["price"] for p in points} == {3.0}
+
+
+def test_retry_after_a_crash_before_the_sql_commit_leaves_no_stale_point(make, raw):
+    """A worker wrote the points of period 1 (and, say, 2) and died before
+    its SQL commit; the retry, by a fresh storage object, rates period 1
+    with another groupby set: only its points are left."""
+    first = make()
+    first.commit_period(frame("p1", 0, ["a"]), 0)
+    crashed = make()
+    crashed.points.write(frame("p1", 1, ["a", "b", "c"]))
+    crashed.points.write(frame("p1", 2, ["a"]))
+    make().commit_period(frame("p1", 1, ["x", "y"]), 1)  # the retry
+    assert keys(raw("p1")) == [(ns(at(0)), "a"), (ns(at(1)), "x"), (ns(at(1)), "y")]
+    assert [(r.begin, r.groupby["id"]) for r in first.iter_rated("p1")] == [
+        (at(0), "a"), (at(1), "x"), (at(1), "y")]
+
+
+def test_reset_state_deletes_only_that_scopes_points_from_to_on(make, raw):
+    storage = make()
+    for scope in ("p1", "p2", "p1x"):
+        for n in range(4):
+            storage.commit_period(frame(scope, n, ["a"]), n)
+    # a tz-aware time in another zone: the DELETE sends it in UTC, with its zone
+    to = at(2).astimezone(datetime.timezone(datetime.timedelta(hours=5, minutes=30)))
+    storage.reset_state("p1", to, PERIOD)
+    assert keys(raw("p1")) == [(ns(at(0)), "a"), (ns(at(1)), "a")]
+    assert len(raw("p2")) == len(raw("p1x")) == 4
+    storage.reset_state("p2", None, PERIOD)
+    assert raw("p2") == [] and len(raw("p1x")) == 4
+
+
+def test_reset_state_keeps_the_points_of_a_period_committed_meanwhile(make, raw,
+                                                                     monkeypatch):
+    """A worker commits the period ``to`` between the reset's SQL part and
+    its point delete: that commit's points stay, the older ones go."""
+    storage, worker = make(), make()
+    for n in range(4):
+        storage.commit_period(frame("p1", n, ["a", "b"]), n)
+    sql_reset = SQLStorage.reset_state
+
+    def reset_then_a_commit(self, scope_id, to, period):
+        sql_reset(self, scope_id, to, period)
+        worker.commit_period(frame("p1", 2, ["z"]), worker.get_state("p1").version)
+
+    monkeypatch.setattr(SQLStorage, "reset_state", reset_then_a_commit)
+    storage.reset_state("p1", at(2), PERIOD)
+    assert keys(raw("p1")) == [(ns(at(0)), "a"), (ns(at(0)), "b"), (ns(at(1)), "a"),
+                               (ns(at(1)), "b"), (ns(at(2)), "z")]
+
+
+def test_a_reprocessed_period_replaces_its_points(make, raw):
+    storage = make()
+    for n in range(3):
+        storage.commit_period(frame("p1", n, ["a", "b"], price="1"), n)
+    [task] = storage.create_reprocess_tasks(["p1"], at(1), at(2), "fix", PERIOD)
+    storage.commit_reprocessed_period(task, frame("p1", 1, ["x", "y", "z"], price="2"),
+                                      at(1))
+    points = raw("p1")
+    assert keys(points) == [(ns(at(0)), "a"), (ns(at(0)), "b"), (ns(at(1)), "x"),
+                            (ns(at(1)), "y"), (ns(at(1)), "z"), (ns(at(2)), "a"),
+                            (ns(at(2)), "b")]
+    assert {p["price"] for p in points if p["time"] == ns(at(1))} == {2.0}
+    [period] = storage.iter_periods("p1", begin=at(1), end=at(2))
+    assert (period.points, period.price) == (3, D(6))
+
+
+# -- errors ----------------------------------------------------------------------
+
+def test_unreachable_influxdb_fails_the_commit_and_keeps_the_state(make, sql_url,
+                                                                  free_port):
+    storage = make()
+    storage.commit_period(frame("p1", 0, ["a"]), 0)
+    before = storage.get_state("p1")
+    down = InfluxStorage(url=sql_url, points=InfluxPointStore(
+        None, "project_id", host="127.0.0.1", port=free_port, database="ck", timeout=5))
+    try:
+        with pytest.raises(StorageError, match=rf"^InfluxDB at http://127\.0\.0\.1:"
+                           rf"{free_port}: .*connect"):
+            down.commit_period(frame("p1", 1, ["a"]), before.version)
+    finally:
+        down.close()
+    assert storage.get_state("p1") == before
+    assert [p.begin for p in storage.iter_periods("p1")] == [at(0)]
+    # InfluxDB back (the real one): the same period commits
+    assert storage.commit_period(frame("p1", 1, ["a"]), before.version) == before.version + 1
+
+
+def test_a_refused_write_fails_the_commit_and_keeps_the_state(make, raw):
+    """A field of another type than before (InfluxDB: HTTP 400, field type
+    conflict): StorageError naming the request, state and periods unchanged."""
+    storage = make()
+    storage.commit_period(frame("p1", 0, ["a"], metadata={"size": 1}), 0)
+    with pytest.raises(StorageError, match=r"^InfluxDB at .*: writing 1 points of scope p1: "
+                       r"HTTP 400 .*conflict"):
+        storage.commit_period(frame("p1", 1, ["a"], metadata={"size": "big"}), 1)
+    assert storage.get_state("p1").version == 1
+    assert [p.begin for p in storage.iter_periods("p1")] == [at(0)]
+    assert keys(raw("p1")) == [(ns(at(0)), "a")]
+
+
+def test_missing_database_is_a_schema_error_with_the_init_hint(sql_url, influxdb_server):
+    name = "ckp_missing_" + datetime.datetime.now().strftime("%H%M%S%f")
+    storage = influx_storage(sql_url, influxdb_server, name)
+    try:
+        SQLStorage.upgrade(storage)  # the SQL schema only
+        with pytest.raises(SchemaError, match=r"^InfluxDB: .*`cloudkitty-proc-manage "
+                           r"storage init`"):
+            storage.check_schema()
+        storage.upgrade()  # creates the database
+        assert name in influxdb_server.databases()
+        storage.check_schema()
+    finally:
+        storage.close()
+        if name in influxdb_server.databases():
+            influxdb_server.drop_database(name)
+
+
+def test_an_error_in_the_query_results_is_a_storage_error(sql_url, influxdb_server):
+    """InfluxDB answers 200 with {"results": [{"error": ...}]}."""
+    storage = influx_storage(sql_url, influxdb_server, "ckp_never_created")
+    try:
+        with pytest.raises(StorageError, match=r"^InfluxDB at .*: reading the points of "
+                           r"scope p1: database not found"):
+            storage.points.read("p1", at(0), at(1))
+    finally:
+        storage.close()
+
+
+def test_an_unknown_retention_policy_is_named_at_init(make):
+    with pytest.raises(StorageError, match=r"\[storage_influxdb\] retention_policy "
+                       r"'nope': no such retention policy .*autogen"):
+        make(retention_policy="nope")
