@@ -236,6 +236,7 @@ class Worker:
     def _process_leased(self, scope_id: str, log: ContextLogger) -> ScopeResult:
         res = ScopeResult()
         try:
+            self.storage.scope_taken(scope_id)
             state = self.storage.get_state(scope_id)  # fresh, under the lease
         except Exception as exc:
             self.failures.unrecorded(log, scope_id,
@@ -350,6 +351,7 @@ class Worker:
         """With the scope's lease held ahead: its fresh state and first due
         periods; None when it is inactive, has reprocessing to do or nothing
         due."""
+        self.storage.scope_taken(scope_id)
         state = self.storage.get_state(scope_id)  # fresh, under the lease
         if not state.active or self._has_task(scope_id):
             return None

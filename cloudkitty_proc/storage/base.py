@@ -275,6 +275,12 @@ class BaseStorage(abc.ABC):
         before ``to``. ``to`` None: everything is deleted and every active
         task failed."""
 
+    def scope_taken(self, scope_id: str) -> None:
+        """A worker took the scope's lease and is about to read its state
+        and commit: forget anything cached about the scope from an earlier
+        lease (another worker may have written meanwhile). Nothing by
+        default."""
+
     # -- reprocessing tasks (capability REPROCESSING) -----------------------
     def create_reprocess_tasks(self, scope_ids: Sequence[str], begin: datetime.datetime,
                                end: datetime.datetime, reason: str, period: int,

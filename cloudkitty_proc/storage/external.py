@@ -26,8 +26,8 @@ No transaction spans the two stores. How invariants 1-2 still hold
   failed SQL commit, a reset whose point delete failed). Before its first
   write of a scope, and after anything but its own successful commit, a
   storage object deletes the scope's points from the period it is about to
-  write on; only a commit whose expected version this object itself
-  produced skips that delete. Each (scope, period, type, groupby) is
+  write on; only a commit, under the same lease (``scope_taken``), whose
+  expected version this object itself produced skips that delete. Each (scope, period, type, groupby) is
   therefore stored once once its period is committed.
 * A reprocessed period's points are replaced (deleted, then written) in
   the SQL transaction that moves the task, once its checks passed.
@@ -140,6 +140,12 @@ class ExternalStorage(SQLStorage):
         version = super().commit_period(frame, expected_version, worker=worker)
         self._clean[scope_id] = version
         return version
+
+    def scope_taken(self, scope_id: str) -> None:
+        """A new lease: another worker may have written points past the
+        frontier since this object's last commit (and crashed before its
+        own), so the next commit deletes them first."""
+        self._clean.pop(scope_id, None)
 
     def _store_points(self, frame: DataFrame, *, replace: bool = False) -> None:
         """In the SQL commit transaction, the scope locked: the frame's

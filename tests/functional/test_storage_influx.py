@@ -157,6 +157,38 @@ def test_retry_after_a_crash_before_the_sql_commit_leaves_no_stale_point(make, r
         (at(0), "a"), (at(1), "x"), (at(1), "y")]
 
 
+def test_a_new_lease_deletes_what_another_worker_left_past_the_frontier(make, raw):
+    """Worker A commits period 0 and loses the scope; worker B takes it,
+    writes period 1's points and dies before its SQL commit; A takes the
+    scope again (``scope_taken``) and rates period 1 from the version it
+    produced itself: B's points must not survive next to A's."""
+    a = make()
+    a.scope_taken("p1")
+    version = a.commit_period(frame("p1", 0, ["a"]), 0)
+    make().points.write(frame("p1", 1, ["b-only"]))  # B, crashed before its commit
+    a.scope_taken("p1")  # A's new lease
+    a.commit_period(frame("p1", 1, ["a"]), version)
+    assert keys(raw("p1")) == [(ns(at(0)), "a"), (ns(at(1)), "a")]
+
+
+def test_under_one_lease_a_commit_does_not_delete_first(make, raw, monkeypatch):
+    """The delete before a write is skipped while this object's own commit
+    produced the version it expects, under the same lease: one request per
+    period, not two."""
+    storage = make()
+    storage.scope_taken("p1")
+    version = storage.commit_period(frame("p1", 0, ["a"]), 0)
+    deletes = []
+    real = storage.points.delete
+    monkeypatch.setattr(storage.points, "delete",
+                        lambda *a: deletes.append(a) or real(*a))
+    storage.commit_period(frame("p1", 1, ["a"]), version)
+    assert deletes == []
+    storage.scope_taken("p1")
+    storage.commit_period(frame("p1", 2, ["a"]), version + 1)
+    assert [d[0] for d in deletes] == ["p1"]
+
+
 def test_reset_state_deletes_only_that_scopes_points_from_to_on(make, raw):
     storage = make()
     for scope in ("p1", "p2", "p1x"):
