@@ -31,6 +31,7 @@ States, periods and tasks stay in SQL (``storage/external.py``). InfluxDB 2
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import urllib.parse
 from collections.abc import Iterable
@@ -81,11 +82,20 @@ OPTS = [(GROUP, influx_opts)]
 
 # -- line protocol (as the ``influxdb`` 5.3 client writes it) ---------------
 
+_SPECIAL = frozenset("\\ ,=\n")
+_SPECIAL_STRING = frozenset('\\"\n')
+
+@functools.lru_cache(maxsize=65536)
 def _escape_key(text: str) -> str:
+    """A measurement, tag key or field key escaped (cached: keys and most
+    tag values repeat from point to point)."""
+    if not _SPECIAL.intersection(text):
+        return text
     return (text.replace("\\", "\\\\").replace(" ", "\\ ").replace(",", "\\,")
             .replace("=", "\\=").replace("\n", "\\n"))
 
 
+@functools.lru_cache(maxsize=65536)
 def _escape_tag_value(text: str) -> str:
     """A tag value escaped as the client's make_line does, plus a space
     after a final backslash: InfluxDB 1.x refuses ``k=a\\\\,`` (400 "invalid
@@ -109,6 +119,8 @@ def _field_value(value: Any) -> str | None:
         except (TypeError, ValueError):
             pass
     text = str(value)
+    if not _SPECIAL_STRING.intersection(text):
+        return f'"{text}"'
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
