@@ -334,6 +334,20 @@ metrics_opts = [
     ),
 ]
 
+cloudkitty_proc_opts = [
+    cfg.StrOpt(
+        "mode",
+        default="native",
+        choices=[("native", "states, rules and tasks of cloudkitty-proc's own "
+                  "(the rules file, [database] tables, its RPC API)"),
+                 ("cloudkitty", "a drop-in for cloudkitty-processor: scope states "
+                  "and reprocessing tasks in CloudKitty's tables, rating rules from "
+                  "its database, its RPC target and lock names")],
+        help="Run as cloudkitty-proc (native) or in place of CloudKitty's "
+        "processor in a CloudKitty deployment (cloudkitty).",
+    ),
+]
+
 #: The core groups; each plugin module declares its own (``OPTS``).
 _GROUPS = [
     ("DEFAULT", default_opts),
@@ -343,6 +357,7 @@ _GROUPS = [
     ("storage", storage_opts),
     ("rating", rating_opts),
     ("metrics", metrics_opts),
+    ("cloudkitty_proc", cloudkitty_proc_opts),
 ]
 
 #: Modules whose ``OPTS`` (a list of ``(group, [options])``) are registered
