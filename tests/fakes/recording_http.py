@@ -27,7 +27,12 @@ result) and :func:`search_routes` (Elasticsearch / OpenSearch: ``/``
 version, index ``HEAD``/``GET``/``PUT``/``DELETE``, ``_mapping``,
 ``_bulk`` answering one item per action with ``"errors": false``,
 ``_search``, ``_search/scroll``, ``_delete_by_query``, ``_refresh``,
-``POST /<index>/_doc``).
+``POST /<index>/_doc``). The search preset keeps the index's mapping as a
+server does: ``PUT /<index>`` with ``{"mappings": …}`` sets it, ``PUT
+/<index>/_mapping`` merges into it (a changed field type is refused, 400),
+``GET /<index>`` and ``GET /<index>/_mapping`` answer with it as the
+servers render it (``dynamic`` as a string, ``"type": "object"`` only on
+an object without properties); documents do not change it.
 """
 
 from __future__ import annotations
@@ -246,19 +251,66 @@ def influxdb_routes(server: RecordingServer, databases: Iterable[str] = ("cloudk
 
 # -- Elasticsearch / OpenSearch ---------------------------------------------
 
+def _merge_mapping(old: dict[str, Any], new: dict[str, Any], path: str = "") -> str | None:
+    """Merge mapping ``new`` into ``old`` as a mapping update does: fields
+    added, objects merged, other settings replaced. The reason a server
+    gives when a field would change type (``old`` is then half merged:
+    merge into a copy), else None."""
+    for key, value in new.items():
+        if key != "properties":
+            old[key] = json.loads(json.dumps(value))
+            continue
+        props = old.setdefault("properties", {})
+        for name, field in (value or {}).items():
+            where = f"{path}{name}"
+            if name not in props:
+                props[name] = json.loads(json.dumps(field))
+                continue
+            before = props[name].get("type", "object")
+            after = field.get("type", "object")
+            if before != after:
+                return f"mapper [{where}] cannot be changed from type [{before}] to [{after}]"
+            problem = _merge_mapping(props[name], field, f"{where}.")
+            if problem:
+                return problem
+    return None
+
+
+def _as_served(mapping: Any) -> Any:
+    """A mapping as ``GET /<index>/_mapping`` renders it: ``dynamic`` as a
+    string; ``"type": "object"`` left out of an object with properties."""
+    if isinstance(mapping, list):
+        return [_as_served(x) for x in mapping]
+    if not isinstance(mapping, dict):
+        return mapping
+    out = {k: _as_served(v) for k, v in mapping.items()}
+    if isinstance(out.get("dynamic"), bool):
+        out["dynamic"] = "true" if out["dynamic"] else "false"
+    if out.get("type") == "object" and out.get("properties"):
+        del out["type"]
+    return out
+
+
 def search_routes(server: RecordingServer, index: str = "cloudkitty",
-                  flavour: str = "elasticsearch", index_exists: bool = True) -> None:
+                  flavour: str = "elasticsearch", index_exists: bool = True,
+                  mappings: dict[str, Any] | None = None) -> None:
     """Canned Elasticsearch (``flavour`` ``elasticsearch``, 7.17) or
-    OpenSearch (``opensearch``, 2.x) replies for one index."""
+    OpenSearch (``opensearch``, 2.x) replies for one index. When
+    ``index_exists``, the index is there with ``mappings`` (default: none,
+    as ``PUT /<index>`` without a body leaves it)."""
     if flavour == "opensearch":
         version = {"distribution": "opensearch", "number": "2.11.0",
                    "minimum_wire_compatibility_version": "7.10.0"}
     else:
         version = {"number": "7.17.0", "build_flavor": "default",
                    "minimum_wire_compatibility_version": "6.8.0"}
-    state = {"exists": index_exists}
+    state: dict[str, Any] = {"exists": index_exists,
+                             "mappings": json.loads(json.dumps(mappings or {}))}
     name = re.escape(index)
     acknowledged = json_reply({"acknowledged": True})
+    missing = json_reply({"error": {"type": "index_not_found_exception",
+                                    "reason": f"no such index [{index}]"},
+                          "status": 404}, 404)
 
     def root(request: Request) -> Reply:
         return json_reply({"name": "recording", "cluster_name": "recording",
@@ -270,20 +322,47 @@ def search_routes(server: RecordingServer, index: str = "cloudkitty",
 
     def index_get(request: Request) -> Reply:
         if not state["exists"]:
-            return json_reply({"error": {"type": "index_not_found_exception"},
-                               "status": 404}, 404)
-        return json_reply({index: {"aliases": {}, "mappings": {}, "settings": {}}})
+            return missing
+        return json_reply({index: {"aliases": {},
+                                   "mappings": _as_served(state["mappings"]),
+                                   "settings": {}}})
 
     def index_put(request: Request) -> Reply:
         if state["exists"]:
-            return json_reply({"error": {"type": "resource_already_exists_exception"},
+            return json_reply({"error": {"type": "resource_already_exists_exception",
+                                         "reason": f"index [{index}] already exists"},
                                "status": 400}, 400)
+        body = json.loads(request.body) if request.body else {}
         state["exists"] = True
+        state["mappings"] = json.loads(json.dumps(body.get("mappings") or {}))
         return json_reply({"acknowledged": True, "shards_acknowledged": True,
                            "index": index})
 
     def index_delete(request: Request) -> Reply:
         state["exists"] = False
+        state["mappings"] = {}
+        return acknowledged
+
+    def mapping_get(request: Request) -> Reply:
+        if not state["exists"]:
+            return missing
+        return json_reply({index: {"mappings": _as_served(state["mappings"])}})
+
+    def mapping_put(request: Request) -> Reply:
+        if not state["exists"]:
+            return missing
+        typed = request.path.rstrip("/").rsplit("/", 1)[-1] != "_mapping"
+        if typed and (flavour != "elasticsearch"
+                      or request.query.get("include_type_name") != ["true"]):
+            return json_reply({"error": {"type": "illegal_argument_exception",
+                                         "reason": "Types cannot be provided in put "
+                                         "mapping requests"}, "status": 400}, 400)
+        merged = json.loads(json.dumps(state["mappings"]))
+        problem = _merge_mapping(merged, json.loads(request.body or b"{}"))
+        if problem:
+            return json_reply({"error": {"type": "illegal_argument_exception",
+                                         "reason": problem}, "status": 400}, 400)
+        state["mappings"] = merged
         return acknowledged
 
     def bulk(request: Request) -> Reply:
@@ -323,9 +402,9 @@ def search_routes(server: RecordingServer, index: str = "cloudkitty",
     server.route("GET", rf"/{name}", index_get)
     server.route("PUT", rf"/{name}", index_put)
     server.route("DELETE", rf"/{name}", index_delete)
-    server.route("*", rf"/{name}/_mapping(/[^/]+)?", acknowledged)
-    server.route("GET", rf"/{name}/_mapping(/[^/]+)?",
-                 json_reply({index: {"mappings": {}}}))
+    server.route("PUT", rf"/{name}/_mapping(/[^/]+)?", mapping_put)
+    server.route("POST", rf"/{name}/_mapping(/[^/]+)?", mapping_put)
+    server.route("GET", rf"/{name}/_mapping(/[^/]+)?", mapping_get)
     server.route("POST", rf"/{name}/_doc", doc)
     server.route("*", rf"(/{name})?(/_doc)?/_bulk", bulk)
     server.route("*", rf"/{name}/_refresh", json_reply({"_shards": {"failed": 0}}))
