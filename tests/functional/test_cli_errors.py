@@ -130,3 +130,31 @@ def test_missing_database_driver_is_one_line_naming_what_to_install(conf, cmd, a
     conf.write_text(text.replace(old, f"connection = {url}"))
     line = _one_line_error(run(cmd, conf, *args))
     assert "[database] connection" in line and needle in line and "s3cret" not in line
+
+
+def test_influxdb_database_missing_until_storage_init(conf, influxdb_database):
+    """The daemon refuses to start while the InfluxDB database is missing,
+    naming the command that creates it; `storage init` creates it; a
+    second run is harmless."""
+    server, name = influxdb_database
+    conf.write_text(conf.read_text() + (
+        f"\n[storage]\nbackend = influxdb\n[storage_influxdb]\nhost = {server.host}\n"
+        f"port = {server.port}\ndatabase = {name}\n"))
+    upgrade = run("manage", conf, "db", "upgrade")  # the SQL tables (and the database)
+    assert upgrade.returncode == 0, upgrade.stderr
+    server.drop_database(name)
+    line = _one_line_error(run("daemon", conf, "--oneshot"))
+    assert "InfluxDB" in line and "cloudkitty-proc-manage storage init" in line
+    for _ in range(2):
+        proc = run("manage", conf, "storage", "init")
+        assert proc.returncode == 0, proc.stderr
+        assert "InfluxDB: ready" in proc.stdout
+    assert name in server.databases()
+
+
+def test_influxdb_unreachable_is_one_line(conf):
+    conf.write_text(conf.read_text() + (
+        "\n[storage]\nbackend = influxdb\n[storage_influxdb]\nhost = 127.0.0.1\n"
+        "port = 1\ndatabase = ck\ntimeout = 5\n"))
+    line = _one_line_error(run("manage", conf, "storage", "init"))
+    assert "InfluxDB at http://127.0.0.1:1" in line and "creating database ck" in line
