@@ -297,6 +297,25 @@ storage_opts = [
     ),
 ]
 
+cloudkitty_proc_opts = [
+    cfg.StrOpt(
+        "mode",
+        default="native",
+        choices=[
+            ("native", "states, reprocessing tasks and rules in cloudkitty_proc's "
+             "own tables and files"),
+            ("cloudkitty", "a drop-in for cloudkitty-processor: scope states and "
+             "reprocessing tasks in CloudKitty's own tables (cloudkitty_storage_states, "
+             "storage_scope_reprocessing_schedule) of [database] connection, "
+             "rated points in [storage] backend influxdb, elasticsearch or opensearch"),
+        ],
+        help="Where the processing state lives. cloudkitty: run against an existing "
+        "CloudKitty 25.0.0 deployment, whose API, dashboard and CLI keep working; its "
+        "tables are never created or migrated by cloudkitty_proc (their alembic heads "
+        "are checked at start).",
+    ),
+]
+
 rating_opts = [
     cfg.ListOpt(
         "processors",
@@ -339,6 +358,7 @@ _GROUPS = [
     ("collect", collect_opts),
     ("fetcher", fetcher_opts),
     ("storage", storage_opts),
+    ("cloudkitty_proc", cloudkitty_proc_opts),
     ("rating", rating_opts),
     ("metrics", metrics_opts),
 ]
