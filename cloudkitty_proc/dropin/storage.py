@@ -34,6 +34,11 @@ records deleted), then, the scope's row locked again, the points from
 ``to`` up to the first period committed since. This is the flow of
 ``storage/external.py`` with CloudKitty's rows in its transaction; it does
 not depend on ExternalStorage's own commit methods.
+
+Reads (``iter_rated``, ``summary``, ``export``) are ExternalStorage's: they
+follow our period records, so the periods CloudKitty rated before the
+switch are not in them (their points stay in the store, where CloudKitty's
+API reads them).
 """
 
 from __future__ import annotations
