@@ -299,6 +299,26 @@ storage_opts = [
     ),
 ]
 
+cloudkitty_proc_opts = [
+    cfg.StrOpt(
+        "mode",
+        default="native",
+        choices=[
+            ("native", "states, reprocessing tasks and rules in cloudkitty_proc's "
+             "own tables and files"),
+            ("cloudkitty", "a drop-in for cloudkitty-processor: scope states and "
+             "reprocessing tasks in CloudKitty's own tables (cloudkitty_storage_states, "
+             "storage_scope_reprocessing_schedule) of [database] connection, "
+             "rated points in [storage] backend influxdb, elasticsearch or opensearch"),
+        ],
+        help="Where the processing state lives. cloudkitty: run in place of "
+        "cloudkitty-processor against an existing CloudKitty 25.0.0 deployment, whose "
+        "API, dashboard and CLI keep working (its scope lock names too); its tables are "
+        "never created or migrated by cloudkitty_proc (their alembic heads are checked "
+        "at start).",
+    ),
+]
+
 rating_opts = [
     cfg.ListOpt(
         "processors",
@@ -334,20 +354,6 @@ metrics_opts = [
     ),
 ]
 
-cloudkitty_proc_opts = [
-    cfg.StrOpt(
-        "mode",
-        default="native",
-        choices=[("native", "states, rules and tasks of cloudkitty-proc's own "
-                  "(the rules file, [database] tables, its RPC API)"),
-                 ("cloudkitty", "a drop-in for cloudkitty-processor: scope states "
-                  "and reprocessing tasks in CloudKitty's tables, rating rules from "
-                  "its database, its RPC target and lock names")],
-        help="Run as cloudkitty-proc (native) or in place of CloudKitty's "
-        "processor in a CloudKitty deployment (cloudkitty).",
-    ),
-]
-
 #: The core groups; each plugin module declares its own (``OPTS``).
 _GROUPS = [
     ("DEFAULT", default_opts),
@@ -355,9 +361,9 @@ _GROUPS = [
     ("collect", collect_opts),
     ("fetcher", fetcher_opts),
     ("storage", storage_opts),
+    ("cloudkitty_proc", cloudkitty_proc_opts),
     ("rating", rating_opts),
     ("metrics", metrics_opts),
-    ("cloudkitty_proc", cloudkitty_proc_opts),
 ]
 
 #: Modules whose ``OPTS`` (a list of ``(group, [options])``) are registered

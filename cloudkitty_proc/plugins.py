@@ -13,6 +13,7 @@ from typing import Any
 from oslo_config import cfg
 from stevedore import driver
 
+from cloudkitty_proc.dropin import storage as dropin_storage
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.metrics_conf import MetricsConf, load_metrics_conf
 
@@ -80,7 +81,15 @@ def load_rating_chain(conf: cfg.ConfigOpts) -> list:
 
 
 def load_storage(conf: cfg.ConfigOpts, **kwargs: Any):
+    """The ``[storage] backend``; with ``[cloudkitty_proc] mode = cloudkitty``,
+    its drop-in variant (cloudkitty_proc/dropin/storage.py), for the
+    point-store backends only."""
+    cloudkitty_mode = conf.cloudkitty_proc.mode == "cloudkitty"
+    if cloudkitty_mode:
+        dropin_storage.check_backend(conf.storage.backend)
     cls = _plugin_class(NS_STORAGE, conf.storage.backend, "[storage] backend")
+    if cloudkitty_mode:
+        cls = dropin_storage.storage_class(cls)
     return cls(conf, **kwargs)
 
 
