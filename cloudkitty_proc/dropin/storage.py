@@ -126,17 +126,6 @@ class CloudKittyMode(CloudKittyStates, CloudKittyTasks):
         super().upgrade()
 
     # -- writing --------------------------------------------------------------------
-    def _store(self, frame: DataFrame, *, replace: bool = False,
-               skip_delete: bool = False) -> None:
-        """Inside a commit transaction, its checks passed: the frame's points."""
-        if replace:
-            self.points.delete(frame.scope_id, frame.begin, frame.end)
-        elif not skip_delete:
-            # points past the committed frontier belong to no committed period
-            self.points.delete(frame.scope_id, frame.begin, None)
-        if len(frame):
-            self.points.write(frame)
-
     def commit_period(self, frame: DataFrame, expected_version: int,
                       *, worker: str = "") -> int:
         scope_id = frame.scope_id
@@ -144,7 +133,7 @@ class CloudKittyMode(CloudKittyStates, CloudKittyTasks):
         # was written past the frontier since
         skip = self._clean.pop(scope_id, None) == expected_version
         version = self._ck_commit(frame, expected_version, worker,
-                                  lambda: self._store(frame, skip_delete=skip))
+                                  lambda: self.write_points(frame, skip_delete=skip))
         self._clean[scope_id] = version
         return version
 
@@ -152,7 +141,7 @@ class CloudKittyMode(CloudKittyStates, CloudKittyTasks):
                                   expected_next_period: datetime.datetime,
                                   *, worker: str = "") -> ReprocessTask:
         return self._ck_commit_reprocessed(task_id, frame, expected_next_period, worker,
-                                           lambda: self._store(frame, replace=True))
+                                           lambda: self.write_points(frame, replace=True))
 
     def reset_state(self, scope_id: str, to: datetime.datetime | None,
                     period: int) -> None:

@@ -149,13 +149,19 @@ class ExternalStorage(SQLStorage):
 
     def _store_points(self, frame: DataFrame, *, replace: bool = False) -> None:
         """In the SQL commit transaction, the scope locked: the frame's
-        points to the store. A reprocessed period (``replace``) loses its
-        old points first (a changed groupby set leaves nothing stale); a
-        normal commit deletes the points past the frontier first unless
-        ``_skip_delete``."""
+        points to the store (``write_points``)."""
+        self.write_points(frame, replace=replace, skip_delete=self._skip_delete)
+
+    def write_points(self, frame: DataFrame, *, replace: bool = False,
+                     skip_delete: bool = False) -> None:
+        """The frame's points to the store, from inside a commit
+        transaction whose checks passed. A reprocessed period (``replace``)
+        loses its old points first (a changed groupby set leaves nothing
+        stale); a normal commit deletes the points past the frontier first
+        unless ``skip_delete``."""
         if replace:
             self.points.delete(frame.scope_id, frame.begin, frame.end)
-        elif not self._skip_delete:
+        elif not skip_delete:
             # points past the committed frontier belong to no committed period
             self.points.delete(frame.scope_id, frame.begin, None)
         if len(frame):
