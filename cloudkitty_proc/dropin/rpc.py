@@ -278,8 +278,9 @@ class RatingEndpoint:
 
     @_expected
     def quote(self, ctxt, **kwargs) -> str:
-        """The price of ``res_data`` with the rules in force, as a decimal
-        string (CloudKitty returns ``str(Decimal)``; the API shows a float)."""
+        """The price of ``res_data`` with the rules in force: ``str()`` of
+        the Decimal, as CloudKitty's (the API passes the string through
+        as the JSON answer)."""
         try:
             control.check_arguments("quote", kwargs, ("res_data",))
             resources = parse_quote_request(kwargs["res_data"])
@@ -301,7 +302,7 @@ class RatingEndpoint:
                       type(exc).__name__, mask_url(exc))
             raise messaging.RemoteRequestError(
                 f"quote failed: {type(exc).__name__}: {mask_url(exc)}") from None
-        return utils.decimal_str(total)
+        return str(total)
 
     def reload_modules(self, ctxt, **kwargs) -> None:
         self._notified("reload_modules", kwargs, ())

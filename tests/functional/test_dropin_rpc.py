@@ -115,17 +115,22 @@ def conf(tmp_path, vhost_url):
     o.clear()
 
 
+def commit_hours(storage, scope, begin, hours):
+    """Rate ``hours`` periods of ``scope`` from ``begin``: one point each."""
+    for h in range(hours):
+        frame = DataFrame(scope, begin + h * H, begin + (h + 1) * H)
+        frame.add_points("instance", [DataPoint("instance", D(1), D("0.5"),
+                                                {"project_id": scope, "id": "vm"}, {})])
+        storage.commit_period(frame, storage.get_state(scope).version)
+
+
 @pytest.fixture
 def storage(conf):
     """Four periods rated for each scope (T0 .. T0+3h)."""
     s = SQLStorage(conf)
     s.upgrade()
     for scope in SCOPES:
-        for h in range(4):
-            frame = DataFrame(scope, T0 + h * H, T0 + (h + 1) * H)
-            frame.add_points("instance", [DataPoint("instance", D(1), D("0.5"),
-                                                    {"project_id": scope, "id": "vm"}, {})])
-            s.commit_period(frame, s.get_state(scope).version)
+        commit_hours(s, scope, T0, 4)
     yield s
     s.close()
 
