@@ -219,8 +219,7 @@ class RPCServer:
     the broker happens on a thread (oslo.messaging retries for ever while
     the broker is down, and rating must not wait for it)."""
 
-    def __init__(self, conf: cfg.ConfigOpts, server_name: str,
-                 endpoint: ControlEndpoint) -> None:
+    def __init__(self, conf: cfg.ConfigOpts, server_name: str, endpoint: Any) -> None:
         self.conf = conf
         self.server_name = server_name
         self.endpoint = endpoint
@@ -229,15 +228,26 @@ class RPCServer:
         self._starter: threading.Thread | None = None
         self._stopped = False
         self._stop_lock = threading.Lock()
+        self._listening = threading.Event()
+
+    def target(self) -> oslo_messaging.Target:
+        """The target served: ours (a subclass serves another one)."""
+        return oslo_messaging.Target(topic=self.conf.rpc_topic, server=self.server_name,
+                                     version=VERSION)
+
+    def endpoints(self) -> list[Any]:
+        """The endpoint objects; those with a ``close()`` are closed at stop."""
+        return [self.endpoint]
 
     def start(self) -> None:
         om = oslo_messaging
         self._transport = om.get_rpc_transport(self.conf)
-        target = om.Target(topic=self.conf.rpc_topic, server=self.server_name,
-                           version=VERSION)
+        target = self.target()
         self._server = om.get_rpc_server(
-            self._transport, target, [self.endpoint],
+            self._transport, target, self.endpoints(),
             access_policy=om.DefaultRPCAccessPolicy)
+        where = f"topic {target.topic}" + (f" in exchange {target.exchange}"
+                                           if target.exchange else "")
 
         def run() -> None:
             try:
@@ -245,12 +255,18 @@ class RPCServer:
             except Exception as exc:  # noqa: BLE001
                 LOG.error("RPC server %s did not start: %s", self.server_name, mask_url(exc))
                 return
-            LOG.info("RPC server %s listening on topic %s (%s)", self.server_name,
-                     self.conf.rpc_topic, mask_url(self.conf.transport_url))
+            self._listening.set()
+            LOG.info("RPC server %s listening on %s (%s)", self.server_name, where,
+                     mask_url(self.conf.transport_url))
 
         self._starter = threading.Thread(target=run, daemon=True,
                                          name=f"rpc-start-{self.server_name}")
         self._starter.start()
+
+    def wait_listening(self, timeout: float | None = None) -> bool:
+        """Whether the server listens (its queues declared: a message sent
+        from now on reaches it), waiting at most ``timeout`` s."""
+        return self._listening.wait(timeout)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop listening, let the requests in flight finish (at most
@@ -265,7 +281,7 @@ class RPCServer:
         if self._starter is not None and self._starter.is_alive():
             LOG.warning("RPC server %s never connected to the broker; not waiting for it",
                         self.server_name)
-            self.endpoint.close()
+            self._close_endpoints()
             return
 
         def run() -> None:
@@ -279,7 +295,13 @@ class RPCServer:
         stopper = threading.Thread(target=run, daemon=True, name=f"rpc-stop-{self.server_name}")
         stopper.start()
         stopper.join(timeout)
-        self.endpoint.close()
+        self._close_endpoints()
+
+    def _close_endpoints(self) -> None:
+        for endpoint in self.endpoints():
+            close = getattr(endpoint, "close", None)
+            if close is not None:
+                close()
 
 
 def start_server(conf: cfg.ConfigOpts, worker_name: str, **hooks: Any) -> RPCServer | None:

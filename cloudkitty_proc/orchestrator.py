@@ -10,8 +10,8 @@ I/O object (storage, collector, executor, coordinator) is created and used
 on that thread only. ``terminate`` and ``reload`` are called from signal
 threads: they only set events that the run thread acts on between periods.
 With ``[DEFAULT] transport_url`` set, the worker's RPC server
-(``messaging.py``) runs its handlers on oslo.messaging's threads with
-objects of their own; they too only set events (wake, reload). A reload is
+(``messaging.py``; ``dropin/rpc.py`` in the drop-in mode) runs its handlers
+on oslo.messaging's threads with objects of their own; they too only set events (wake, reload). A reload is
 applied at a safe point: between scopes (no lease held ahead then) or
 between passes.
 """
@@ -165,13 +165,21 @@ class Orchestrator(cotyledon.Service):
         os._exit(2)
 
     def _start_rpc(self) -> None:
-        """When [DEFAULT] transport_url is set: this worker's RPC server
-        (messaging.py). Its handlers run on oslo.messaging's threads and
+        """When [DEFAULT] transport_url is set: this worker's RPC server,
+        ours (messaging.py) or, in the drop-in mode, CloudKitty's target
+        (dropin/rpc.py). Its handlers run on oslo.messaging's threads and
         reach this worker only through the wake and reload events."""
         # workers only: the master process loads neither oslo.messaging nor eventlet
-        from cloudkitty_proc import messaging
-
         try:
+            if self.conf.cloudkitty_proc.mode == "cloudkitty":
+                from cloudkitty_proc.dropin import rpc as dropin_rpc
+
+                self._rpc = dropin_rpc.start_server(
+                    self.conf, self.worker_name, wake=self._wake.set,
+                    request_reload=self.reload)
+                return
+            from cloudkitty_proc import messaging
+
             self._rpc = messaging.start_server(
                 self.conf, self.worker_name, wake=self._wake.set,
                 request_reload=self.reload, rules_generation=lambda: self.rules_generation)

@@ -1,9 +1,12 @@
 """The CloudKitty drop-in mode (``[cloudkitty_proc] mode = cloudkitty``).
 
 cloudkitty_proc replaces ``cloudkitty-processor`` in an existing CloudKitty
-25.0.0 deployment: it reads and writes CloudKitty's own tables (scope
-states, reprocessing schedule) so that cloudkitty-api, Horizon and
-``openstack rating …`` keep working unchanged. CloudKitty's tables are never
-created, migrated or altered here: ``tables.py`` describes them as CloudKitty
-25.0.0 leaves them and checks their alembic heads.
+25.0.0 deployment, so that cloudkitty-api, Horizon and ``openstack rating
+…`` keep working unchanged. One module per concern: ``tables.py``
+(CloudKitty's state and reprocessing tables as CloudKitty 25.0.0 leaves them,
+and their alembic heads; never created, migrated or altered here),
+``scope_rows.py``, ``states.py``, ``tasks.py``, ``notes.py`` and
+``storage.py`` (scope states and reprocessing tasks in those tables),
+``rpc.py`` and ``rpc_messages.py`` (CloudKitty's RPC target and message
+shapes).
 """
