@@ -9,7 +9,11 @@ error reply (calls) or a log line (casts) and the server keeps serving.
 
 Each test has a RabbitMQ vhost of its own (the topic is fixed:
 ``cloudkitty``). The server runs in this process on the global cfg.CONF
-(oslo.messaging needs it); storage is the native SQL one on SQLite.
+(oslo.messaging needs it); storage is the drop-in one, as
+``plugins.load_storage`` builds it from that configuration (the server's
+own, too): CloudKitty's tables on SQLite (tests/cloudkitty_db.py), the
+points in a real influxd (``[storage] backend = influxdb``), read back both
+through the storage and with InfluxQL.
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ import pytest
 from oslo_config import cfg
 
 from cloudkitty_proc import conf as ckp_conf  # noqa: F401 - registers the options
-from cloudkitty_proc import messaging
+from cloudkitty_proc import messaging, plugins
 from cloudkitty_proc.dataframe import DataFrame, DataPoint
 from cloudkitty_proc.dropin import rpc
 from cloudkitty_proc.dropin.rpc_messages import native_quote
-from cloudkitty_proc.storage.sql import SQLStorage
+from tests import cloudkitty_db
 from tests.conftest import service_unavailable
 from tests.daemon import wait_until
 
@@ -94,19 +98,32 @@ class Overrides:
             cfg.CONF.clear_override(name, group=group)
 
 
+def dropin_overrides(db_url, influx_server, influx_database):
+    """The drop-in storage options: CloudKitty's database, points in InfluxDB."""
+    return [("mode", "cloudkitty", "cloudkitty_proc"),
+            ("connection", db_url, "database"),
+            ("backend", "influxdb", "storage"),
+            ("host", influx_server.host, "storage_influxdb"),
+            ("port", influx_server.port, "storage_influxdb"),
+            ("database", influx_database, "storage_influxdb")]
+
+
 @pytest.fixture
-def conf(tmp_path, vhost_url):
+def conf(tmp_path, vhost_url, influxdb_database):
+    """cfg.CONF in the drop-in mode, on a SQLite database holding CloudKitty's
+    tables at their 25.0.0 heads and a fresh InfluxDB database."""
     messaging.register_opts(cfg.CONF)
     (tmp_path / "rating.yml").write_text(RULES)
+    db_url = f"sqlite:///{tmp_path}/db.sqlite"
+    cloudkitty_db.create_cloudkitty_schema(db_url)
     o = Overrides()
     for name, value, group in [
             ("transport_url", vhost_url, None),
             ("host", "ckp-rpc-test", None),
             ("state_path", str(tmp_path), None),
-            ("mode", "cloudkitty", "cloudkitty_proc"),
+            *dropin_overrides(db_url, *influxdb_database),
             ("begin", T0.isoformat(), "collect"),
             ("sources", SCOPES, "fetcher_source"),
-            ("connection", f"sqlite:///{tmp_path}/db.sqlite", "database"),
             ("coordination_url", f"file://{tmp_path}/locks", "orchestrator"),
             ("processors", ["hashmap"], "rating"),
             ("rules_file", str(tmp_path / "rating.yml"), "hashmap")]:
@@ -124,15 +141,48 @@ def commit_hours(storage, scope, begin, hours):
         storage.commit_period(frame, storage.get_state(scope).version)
 
 
+def dropin_storage(conf):
+    """The storage the daemon builds from ``conf`` (the drop-in one), upgraded."""
+    s = plugins.load_storage(conf)
+    assert type(s).__name__ == "CloudKittyInfluxStorage", type(s)
+    s.upgrade()
+    return s
+
+
 @pytest.fixture
 def storage(conf):
     """Four periods rated for each scope (T0 .. T0+3h)."""
-    s = SQLStorage(conf)
-    s.upgrade()
+    s = dropin_storage(conf)
     for scope in SCOPES:
         commit_hours(s, scope, T0, 4)
     yield s
     s.close()
+
+
+@pytest.fixture
+def influx(influxdb_database):
+    """The period starts InfluxDB holds for a scope, read with InfluxQL."""
+    server, database = influxdb_database
+
+    def period_starts(scope):
+        return influx_period_starts(server, database, scope)
+    return period_starts
+
+
+def influx_period_starts(server, database, scope):
+    points = server.points(f"SELECT qty FROM dataframes WHERE project_id = '{scope}'", database)
+    return sorted({datetime.datetime.fromtimestamp(p["time"] // 10**9, UTC) for p in points})
+
+
+def cloudkitty_row(conf, scope):
+    """``last_processed_timestamp`` of the scope's row in CloudKitty's
+    ``cloudkitty_storage_states`` (what GET /v2/scope answers), as UTC."""
+    db = cloudkitty_db.DropinDB(conf.database.connection)
+    try:
+        [row] = db.state_rows(scope)
+    finally:
+        db.close()
+    return row.last_processed_timestamp.replace(tzinfo=UTC)
 
 
 class Server:
@@ -237,25 +287,31 @@ def test_server_answers_in_an_explicit_control_exchange(conf, storage):
 
 # -- the message shapes of §4 -------------------------------------------------
 
-def test_reset_state_cast_makes_T_the_next_period_rated(server, client, storage, caplog):
+def test_reset_state_cast_makes_T_the_next_period_rated(conf, server, client, storage,
+                                                        influx, caplog):
     """PUT /v2/scope {"scope_id": "p1", "last_processed_timestamp": T}: p1's
-    data from T on is deleted and T is rated again (state = T - period,
-    where CloudKitty leaves T empty with state = T); p2 is untouched."""
+    data from T on is deleted (from InfluxDB too) and T is rated again
+    (state = T - period in CloudKitty's row, where CloudKitty leaves T empty
+    with state = T); p2 is untouched."""
     caplog.set_level(logging.INFO, logger="cloudkitty_proc.dropin.rpc")
-    assert rated_periods(storage, "p1") == [T0 + h * H for h in range(4)]
+    four = [T0 + h * H for h in range(4)]
+    assert rated_periods(storage, "p1") == influx("p1") == four
     client.reset_state(res_data=reset_data("p1", at=T0 + H))
     wait_until(lambda: storage.get_state("p1").last_processed == T0, timeout=20,
                what="p1 reset")
-    assert rated_periods(storage, "p1") == [T0]
-    assert storage.get_state("p2").last_processed == T0 + 3 * H
-    assert rated_periods(storage, "p2") == [T0 + h * H for h in range(4)]
+    assert cloudkitty_row(conf, "p1") == T0
+    assert rated_periods(storage, "p1") == influx("p1") == [T0]
+    assert storage.get_state("p2").last_processed == cloudkitty_row(conf, "p2") == T0 + 3 * H
+    assert rated_periods(storage, "p2") == influx("p2") == four
     wait_until(lambda: server.wakes, timeout=5, what="the worker woken")
     # every row of the table with all_scopes=true: both, in one message
     client.reset_state(res_data=reset_data("p1", "p2", at=T0))
     wait_until(lambda: storage.get_state("p2").last_processed == T0 - H, timeout=20,
                what="p2 reset")
     assert rated_periods(storage, "p1") == rated_periods(storage, "p2") == []
+    assert influx("p1") == influx("p2") == []
     assert storage.get_state("p1").last_processed == T0 - H
+    assert cloudkitty_row(conf, "p1") == cloudkitty_row(conf, "p2") == T0 - H
 
 
 def test_quote_call_answers_the_price_string(server, client):
@@ -320,7 +376,7 @@ BAD_RESETS = [
 
 
 def test_malformed_reset_state_casts_are_logged_and_change_nothing(server, client, storage,
-                                                                  caplog):
+                                                                  influx, caplog):
     caplog.set_level(logging.INFO, logger="cloudkitty_proc.dropin.rpc")
     for kwargs, message in BAD_RESETS:
         since = len(caplog.records)
@@ -329,11 +385,13 @@ def test_malformed_reset_state_casts_are_logged_and_change_nothing(server, clien
         assert "reset_state" in line, line
         assert storage.get_state("p1").last_processed == T0 + 3 * H, message
         assert len(rated_periods(storage, "p1")) == 4, message
+        assert len(influx("p1")) == 4, message
     assert not logged(caplog, "Exception during message handling")
     # one bad scope of a message does not stop the others
     client.reset_state(res_data=reset_data("p9", "p2", at=T0 + 2 * H))
     wait_until(lambda: storage.get_state("p2").last_processed == T0 + H, timeout=20,
                what="p2 reset")
+    assert influx("p2") == [T0, T0 + H]
     assert storage.get_state("p1").last_processed == T0 + 3 * H
     assert logged(caplog, "unknown scope: p9")
     # and the server still serves
@@ -420,27 +478,45 @@ INSTANCE_V1 = "hashmap:\n  services:\n    instance:\n      mappings:\n" \
 INSTANCE_V2 = INSTANCE_V1.replace("0.01", "0.02")
 
 
-def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vhost_url):
-    """``cloudkitty-proc`` with ``[cloudkitty_proc] mode = cloudkitty``: its
-    workers serve CloudKitty's target (no control_exchange set). After
-    rating everything at 0.01, the rules file says 0.02; a fanout
-    ``reload_module(hashmap)`` makes the workers re-read it, and a
-    ``reset_state`` cast to T0+4h makes them rate T0+4h.. again: those
-    periods at the new price, the earlier ones still at the old one. A
-    quote is answered with the new rules."""
+def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vhost_url,
+                                                                  influxdb_database):
+    """``cloudkitty-proc`` with ``[cloudkitty_proc] mode = cloudkitty`` (CloudKitty's
+    tables on SQLite, points in InfluxDB): its workers serve CloudKitty's
+    target (no control_exchange set). After rating everything at 0.01, the
+    rules file says 0.02; a fanout ``reload_module(hashmap)`` makes the
+    workers re-read it, and a ``reset_state`` cast to T0+4h makes them rate
+    T0+4h.. again: those periods at the new price (in InfluxDB), the earlier
+    ones still at the old one. A quote is answered with the new rules."""
+    from cloudkitty_proc.dropin.scope_rows import ScopeIdentity
+    from cloudkitty_proc.dropin.storage import storage_class
+    from cloudkitty_proc.storage.influx import InfluxPointStore, InfluxStorage
     from tests import daemon, datagen
 
+    influx_server, database = influxdb_database
     hours = 6
     ds = datagen.generate(n_scopes=2, hours=hours, seed=5)
     (tmp_path / "usage.om").write_text(ds.openmetrics)
     db_url = f"sqlite:///{tmp_path}/ckp.sqlite"
+    cloudkitty_db.create_cloudkitty_schema(db_url)
     conf_path = daemon.write_config(
         tmp_path, db_url=db_url, scopes=ds.scopes, begin=ds.begin.isoformat(),
         end=ds.end.isoformat(), metrics_yml=datagen.METRICS_YML, om_path=tmp_path / "usage.om",
         workers=2, processors="hashmap", rules_yml=INSTANCE_V1, transport_url=vhost_url,
-        host="ckp-dropin", extra="[cloudkitty_proc]\nmode = cloudkitty\n")
+        host="ckp-dropin", extra=f"""\
+            [cloudkitty_proc]
+            mode = cloudkitty
+            [storage]
+            backend = influxdb
+            [storage_influxdb]
+            host = {influx_server.host}
+            port = {influx_server.port}
+            database = {database}
+            """)
     daemon.manage(conf_path, "db", "upgrade")
-    storage = SQLStorage(url=db_url)
+    storage = storage_class(InfluxStorage)(
+        url=db_url, identity=ScopeIdentity("project_id", "source", "file"), period=3600,
+        points=InfluxPointStore(None, "project_id", host=influx_server.host,
+                                port=influx_server.port, database=database))
     log = tmp_path / "daemon.log"
     proc = daemon.start_daemon(conf_path, log=log)
     messaging.register_opts(cfg.CONF)
@@ -458,10 +534,14 @@ def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vh
             what="both workers listening")
 
         def prices(scope):
-            return {(r.begin, r.price / r.qty) for r in storage.iter_rated(scope)
-                    if r.type == "instance" and r.qty}
+            """(period, unit price) of the instance points InfluxDB holds
+            (floats there: the unit price rounded to 6 places)."""
+            return {(r.begin, (r.price / r.qty).quantize(D("0.000001")))
+                    for r in storage.iter_rated(scope) if r.type == "instance" and r.qty}
         scope = ds.scopes[0]
         assert {p for _b, p in prices(scope)} == {D("0.01")}
+        assert influx_period_starts(influx_server, database, scope) == [
+            ds.begin + h * H for h in range(hours)]
 
         (tmp_path / "rating.yml").write_text(INSTANCE_V2)
         client.module("reload_module", name="hashmap")
@@ -478,6 +558,8 @@ def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vh
             timeout=60, what="T0+4h.. rated again at the new price")
         assert {p for b, p in prices(scope) if b < at} == {D("0.01")}
         assert {p for _b, p in prices(ds.scopes[1])} == {D("0.01")}
+        assert influx_period_starts(influx_server, database, scope) == [
+            ds.begin + h * H for h in range(hours)]
         quote = {"usage": {"instance": [{"desc": {}, "vol": {"qty": "3", "unit": "undef"}}]}}
         assert client.quote(res_data=quote) == "0.06"
     finally:

@@ -5,9 +5,11 @@ vhost, influxd): ``PUT /v2/scope`` reaches our reset_state, ``POST
 1.1) and ``PUT /v2/rating/modules/hashmap`` reach the reload callback.
 
 Our server runs in this process on the stack's transport_url, with the
-native SQL storage on SQLite and the quote priced by our native path
-(rules in a YAML file): the CloudKitty-table storage and rules are other
-modules' tests.
+drop-in storage on the stack's own MariaDB database (CloudKitty's tables,
+made by cloudkitty-dbsync) and InfluxDB database, so the API's ``GET
+/v2/scope`` and ``GET /v2/dataframes`` show what our reset did; the quote
+is priced by our native path (rules in a YAML file): rules read from
+CloudKitty's tables are other modules' tests.
 
 Service-backed: MariaDB, RabbitMQ + rabbitmqctl, influxd and the CloudKitty
 venv (built by a session fixture when missing).
@@ -21,14 +23,16 @@ import pytest
 from oslo_config import cfg
 
 from cloudkitty_proc import messaging
-from cloudkitty_proc.storage.sql import SQLStorage
 from tests.cloudkitty_stack import cloudkitty_stack, cloudkitty_venv  # noqa: F401 (fixture)
 from tests.daemon import wait_until
-from tests.functional.test_dropin_rpc import RULES, Overrides, Server, commit_hours
+from tests.functional.test_dropin_rpc import (RULES, Overrides, Server, commit_hours,
+                                              dropin_overrides, dropin_storage,
+                                              influx_period_starts)
 
 pytestmark = pytest.mark.service
 
 SCOPE = "p-rpc"
+INFLUX_DB = "ckrpc"
 H = datetime.timedelta(hours=1)
 METRICS_YML = """\
 metrics:
@@ -51,39 +55,34 @@ def t0() -> datetime.datetime:
 def stack(cloudkitty_venv, influxdb_server, tmp_path_factory):  # noqa: F811
     # no processor runs: the Prometheus URL is never queried
     with cloudkitty_stack(tmp_path_factory.mktemp("ck"), influx_host=influxdb_server.host,
-                          influx_port=influxdb_server.port, influx_database="ckrpc",
+                          influx_port=influxdb_server.port, influx_database=INFLUX_DB,
                           prometheus_url="http://127.0.0.1:9", metrics_yml=METRICS_YML,
                           scopes=[SCOPE], venv=cloudkitty_venv) as s:
         yield s
 
 
 @pytest.fixture
-def ours(stack, t0, tmp_path):
-    """Our server on the stack's vhost: four periods of SCOPE rated in our
-    storage (t0 .. t0+3h), the same state row in CloudKitty's table (the
-    API resets only scopes it has a row for)."""
+def ours(stack, t0, influxdb_server, tmp_path):
+    """Our server on the stack's vhost, our storage on the stack's database
+    and InfluxDB database: SCOPE rated up to t0+3h (four periods from t0;
+    the first test's reset leaves fewer, rated again here)."""
     messaging.register_opts(cfg.CONF)
     (tmp_path / "rating.yml").write_text(RULES)
     o = Overrides()
     for name, value, group in [
             ("transport_url", stack.transport_url, None),
             ("host", "ckp-stack-test", None),
-            ("mode", "cloudkitty", "cloudkitty_proc"),
+            *dropin_overrides(stack.db_url, influxdb_server, INFLUX_DB),
             ("begin", t0.isoformat(), "collect"),
             ("sources", [SCOPE], "fetcher_source"),
-            ("connection", f"sqlite:///{tmp_path}/db.sqlite", "database"),
             ("coordination_url", f"file://{tmp_path}/locks", "orchestrator"),
             ("processors", ["hashmap"], "rating"),
             ("rules_file", str(tmp_path / "rating.yml"), "hashmap")]:
         o.set(name, value, group)
-    storage = SQLStorage(cfg.CONF)
-    storage.upgrade()
-    commit_hours(storage, SCOPE, t0, 4)
-    if stack.request("GET", "/v2/scope", params={"scope_id": SCOPE}).status == 404:
-        stack.call("POST", "/v2/scope", json={
-            "scope_id": SCOPE, "scope_key": "project_id", "fetcher": "source",
-            "collector": "prometheus", "active": True,
-            "last_processed_timestamp": (t0 + 3 * H).isoformat()})
+    storage = dropin_storage(cfg.CONF)
+    last = storage.get_state(SCOPE).last_processed
+    begin = t0 if last is None else last + H
+    commit_hours(storage, SCOPE, begin, int((t0 + 4 * H - begin) / H))
     server = Server(cfg.CONF)
     try:
         yield server, storage
@@ -93,14 +92,35 @@ def ours(stack, t0, tmp_path):
         o.clear()
 
 
-def test_put_v2_scope_reaches_our_reset_state(stack, ours, t0):
+def api_scope_state(stack):
+    """SCOPE's row as ``GET /v2/scope`` answers it."""
+    [row] = stack.call("GET", "/v2/scope", params={"scope_id": SCOPE})["results"]
+    return row
+
+
+def test_put_v2_scope_reaches_our_reset_state(stack, ours, t0, influxdb_server):
+    """Before: the API shows the row our storage wrote (complete, at
+    t0+3h). PUT /v2/scope to t0+H: our reset runs, and the API then shows
+    the state at t0 (T = t0+H is the next period to rate) and only t0's
+    points in /v2/dataframes."""
     server, storage = ours
+    row = api_scope_state(stack)
+    assert (row["scope_key"], row["fetcher"], row["collector"], row["active"]) == (
+        "project_id", "source", "prometheus", True)
+    assert datetime.datetime.fromisoformat(row["last_processed_timestamp"]) == t0 + 3 * H
     reply = stack.request("PUT", "/v2/scope", json={
         "scope_id": SCOPE, "last_processed_timestamp": (t0 + H).isoformat()})
     assert reply.status == 202, reply.text
     wait_until(lambda: storage.get_state(SCOPE).last_processed == t0, timeout=30,
                what="our storage reset by PUT /v2/scope")
+    assert datetime.datetime.fromisoformat(
+        api_scope_state(stack)["last_processed_timestamp"]) == t0
     assert sorted({r.begin for r in storage.iter_rated(SCOPE)}) == [t0]
+    assert influx_period_starts(influxdb_server, INFLUX_DB, SCOPE) == [t0]
+    frames = stack.call("GET", "/v2/dataframes", params={
+        "begin": (t0 - H).isoformat(), "end": (t0 + 5 * H).isoformat(),
+        "filters": f"project_id:{SCOPE}"})["dataframes"]
+    assert [datetime.datetime.fromisoformat(f["period"]["begin"]) for f in frames] == [t0]
     assert server.wakes
 
 
