@@ -36,6 +36,14 @@ rating_metadata = sa.MetaData()
 _MYSQL = {"mysql_charset": "utf8", "mysql_engine": "InnoDB"}
 
 
+#: ``cost`` is NOT NULL in CloudKitty's models but nullable in its
+#: databases: migrations Ifbf5b2515c7 and 4e0232ce alter its type without
+#: ``existing_nullable``, which drops NOT NULL on MariaDB (checked against
+#: ``cloudkitty-dbsync upgrade`` by tests/functional/test_dropin_rules_api.py).
+#: A NULL cost fails the rating of every period, as in CloudKitty.
+_COST_NULLABLE = True
+
+
 def _map_type(name: str) -> sa.Enum:
     # the enum type names of CloudKitty's models (PostgreSQL creates types)
     return sa.Enum("flat", "rate", name=name, create_constraint=True)
@@ -125,7 +133,7 @@ hashmap_mappings = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("mapping_id", sa.String(36), nullable=False, unique=True),
     sa.Column("value", sa.String(255), nullable=True),
-    sa.Column("cost", sa.Numeric(40, 28), nullable=False),
+    sa.Column("cost", sa.Numeric(40, 28), nullable=_COST_NULLABLE),
     sa.Column("map_type", _map_type("enum_map_type"), nullable=False),
     *_rule_refs("hashmap_mappings"),
     sa.Column("name", sa.String(32), nullable=False),
@@ -140,7 +148,7 @@ hashmap_thresholds = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("threshold_id", sa.String(36), nullable=False, unique=True),
     sa.Column("level", sa.Numeric(20, 8), nullable=True),
-    sa.Column("cost", sa.Numeric(40, 28), nullable=False),
+    sa.Column("cost", sa.Numeric(40, 28), nullable=_COST_NULLABLE),
     sa.Column("map_type", _map_type("enum_hashmap_type"), nullable=False),
     *_rule_refs("hashmap_thresholds"),
     sa.UniqueConstraint("level", "field_id", "tenant_id", name="uniq_field_threshold"),
@@ -157,7 +165,9 @@ pyscripts_scripts = sa.Table(
     sa.Column("script_id", sa.String(36), nullable=False, unique=True),
     sa.Column("name", sa.String(255), nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
-    sa.Column("checksum", sa.String(128), nullable=False),
+    # NULL allowed in fact: migration 75c205f6f1a2 widened it without
+    # existing_nullable, which drops NOT NULL on MariaDB
+    sa.Column("checksum", sa.String(128), nullable=True),
     *_audit_columns(),
     **_MYSQL,
 )

@@ -61,7 +61,8 @@ from cloudkitty_proc.log import mask_url
 from cloudkitty_proc.rating.base import BaseRatingProcessor
 from cloudkitty_proc.rating.hashmap_values import to_utc
 
-__all__ = ["CloudKittyRatingChain", "PYSCRIPTS_NOT_ALLOWED", "quote", "quote_frame"]
+__all__ = ["CloudKittyRatingChain", "PYSCRIPTS_NOT_ALLOWED", "invalidate_quote_chain", "quote",
+           "quote_frame"]
 
 LOG = logging.getLogger(__name__)
 
@@ -255,3 +256,11 @@ def quote(conf: cfg.ConfigOpts, res_data: Any, *, chain: CloudKittyRatingChain |
             cached = CloudKittyRatingChain(conf)
             _quote_chain.update(chain=cached, conf=conf)
         return cached.process(frame).total_price()
+
+
+def invalidate_quote_chain() -> None:
+    """Rebuild the rules of :func:`quote`'s own chain at the next quote
+    (the RPC notifications; changes are also seen without it)."""
+    cached = _quote_chain.get("chain")
+    if cached is not None:
+        cached.invalidate()

@@ -357,6 +357,8 @@ def test_quote_as_cloudkitty(db, chain_of, monkeypatch):
     monkeypatch.setattr(dropin_rules, "_quote_chain", {})
     assert quote(conf, res_data) == got
     assert quote(conf, res_data) == got and dropin_rules._quote_chain["chain"].builds == 1
+    dropin_rules.invalidate_quote_chain()  # RPC reload_module & co.
+    assert quote(conf, res_data) == got and dropin_rules._quote_chain["chain"].builds == 2
     dropin_rules._quote_chain["chain"].close()
     for bad in ({}, {"usage": []}, {"usage": {"instance": [{"desc": {}}]}},
                 {"usage": {"instance": [{"vol": {"qty": "x", "unit": "u"}}]}}):
