@@ -47,7 +47,8 @@ import decimal
 import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from oslo_config import cfg
@@ -65,6 +66,7 @@ __all__ = ["CloudKittyRatingChain", "PYSCRIPTS_NOT_ALLOWED", "invalidate_quote_c
            "quote_frame"]
 
 LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 PYSCRIPTS_NOT_ALLOWED = (
     "CloudKitty's modules_state enables the pyscripts rating module but [rating] "
@@ -124,26 +126,55 @@ class CloudKittyRatingChain(BaseRatingProcessor):
     def current(self) -> LiveRules:
         """The rules as the database holds them now: one fingerprint query,
         and a rebuild when it changed (or after :meth:`invalidate`)."""
-        with self.engine.connect() as conn:
-            fingerprint = read_fingerprint(conn)
-            rules = self.rules
-            if rules is not None and not self._stale and rules.fingerprint == fingerprint:
-                return rules
-            self._stale = False
-            try:
-                rules = load_live_rules(conn, fingerprint,
-                                        allow_pyscripts=self.conf.rating.allow_pyscripts)
-            except BaseException:
-                self._stale = True  # built again at the next call
-                raise
+        fingerprint = self._on_connection(read_fingerprint)
+        rules = self.rules
+        if rules is not None and not self._stale and rules.fingerprint == fingerprint:
+            return rules
+        self._stale = False
+        try:
+            rules = self._on_connection(self._load, snapshot=True)
+        except BaseException:
+            self._stale = True  # built again at the next call
+            raise
         self.builds += 1
-        first = self.rules is None
-        self.rules = rules
-        LOG.info("CloudKitty rating rules %s from %s: %s", "loaded" if first else "reloaded",
+        LOG.info("CloudKitty rating rules %s from %s: %s",
+                 "reloaded" if self.rules is not None else "loaded",
                  self.url.render_as_string(hide_password=True), rules.describe())
         for warning in rules.warnings:
             LOG.warning("CloudKitty rating rules: %s", warning)
+        self.rules = rules
         return rules
+
+    def _load(self, conn: sa.Connection) -> LiveRules:
+        """Every rule, and the fingerprint they were read with (one snapshot)."""
+        return load_live_rules(conn, read_fingerprint(conn),
+                               allow_pyscripts=self.conf.rating.allow_pyscripts)
+
+    def _on_connection(self, read: Callable[[sa.Connection], _T], *,
+                       snapshot: bool = False) -> _T:
+        """``read(connection)``; ``snapshot``: in one REPEATABLE READ
+        transaction (the rebuilds), else in autocommit. A pooled connection
+        the server closed meanwhile is replaced once."""
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as conn:
+                    if not snapshot:
+                        return read(conn)
+                    conn.execution_options(isolation_level=self._snapshot_level)
+                    result = read(conn)
+                    conn.commit()  # the transaction only read
+                    return result
+            except sa.exc.DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+                LOG.info("CloudKitty rating rules: reconnecting to %s (%s)",
+                         self.url.render_as_string(hide_password=True),
+                         str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
+        raise AssertionError("unreachable")
+
+    @property
+    def _snapshot_level(self) -> str:
+        return "SERIALIZABLE" if self.url.get_backend_name() == "sqlite" else "REPEATABLE READ"
 
     def process(self, frame: DataFrame) -> DataFrame:
         """Rate ``frame`` with the modules and rules in force now, the
@@ -175,7 +206,13 @@ class CloudKittyRatingChain(BaseRatingProcessor):
 
 
 def _make_engine(url: sa.URL) -> sa.Engine:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    """An engine whose periodic check is one round trip: autocommit (no
+    BEGIN), no ROLLBACK when a connection is closed or returns to the pool
+    (these connections only read; PyMySQL would send one even in
+    autocommit), no pre-ping (the chain reconnects once instead when the
+    server closed a pooled connection). Rebuilds read in one REPEATABLE
+    READ transaction, which they commit."""
+    kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None}
     sqlite = url.get_backend_name() == "sqlite"
     if sqlite and url.database in (None, "", ":memory:"):
         kwargs.update(poolclass=sa.pool.StaticPool,
@@ -185,11 +222,17 @@ def _make_engine(url: sa.URL) -> sa.Engine:
     except ModuleNotFoundError as exc:
         raise ConfigError(f"[database] connection {url.render_as_string(hide_password=True)}: "
                           f"its driver is not installed (no module {exc.name!r})") from None
+    # this engine's own dialect instance: nothing else is affected
+    engine.dialect.do_rollback = _no_rollback  # type: ignore[method-assign]
     if sqlite:
         sa.event.listen(engine, "connect",
                         lambda dbapi_connection, record: register_sqlite_functions(
                             dbapi_connection))
     return engine
+
+
+def _no_rollback(dbapi_connection: Any) -> None:
+    """Autocommit connections have no transaction to roll back."""
 
 
 # -- quotes ---------------------------------------------------------------------

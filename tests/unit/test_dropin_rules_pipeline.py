@@ -4,7 +4,7 @@ A real Worker (SQL storage on SQLite, file locks, threads executor; the
 collector is tests/unit/test_orchestrator.py's double) rates six periods
 of one scope with ``CloudKittyRatingChain`` on a SQLite database holding
 CloudKitty's rating tables: each period is priced with the mappings valid
-at its start, with one fingerprint query per period; with pyscripts
+at its start, with one fingerprint query per period (and one per build); with pyscripts
 enabled but not allowed every period fails, recorded on the scope, and the
 state does not move.
 """
@@ -60,7 +60,8 @@ def test_each_period_priced_with_the_mappings_valid_at_its_start(conf, storage, 
         qty = hour + 1  # FakeCollector's quantity
         assert prices[(T0 + hour * HOUR, "m1")] == qty * (1 if hour < 3 else 2)
         assert prices[(T0 + hour * HOUR, "two")] == 0   # no rules: its price stays
-    assert len(fingerprints) == 6 and chain.builds == 1
+    # one per period, and the build's own (read in its snapshot)
+    assert chain.builds == 1 and len(fingerprints) == 6 + 1
 
 
 def test_pyscripts_enabled_but_not_allowed_rates_nothing(conf, storage, rules_db):  # noqa: F811
@@ -71,7 +72,8 @@ def test_pyscripts_enabled_but_not_allowed_rates_nothing(conf, storage, rules_db
     state = storage.get_state("a")
     assert state.last_processed is None
     assert "modules_state" in state.last_error and "allow_pyscripts" in state.last_error
-    assert len(fingerprints) == 1  # the first period failed: the scope stops there
+    # the first period failed (after its check and the build): the scope stops there
+    assert len(fingerprints) == 1 + 1
     assert list(storage.iter_rated("a")) == []
     result, _, _ = run(conf, storage, rules_db, allow_pyscripts=True)
     assert result.committed == 6
