@@ -18,7 +18,7 @@ fetcher with the scopes, a [begin, end) window of ``periods`` hours,
 hashmap rules for the 5 usage types, SQLite in the work directory unless
 ``--db``), ``cloudkitty-proc-manage db upgrade``, then
 ``cloudkitty-proc --oneshot`` with ``[orchestrator] max_workers``,
-``max_greenthreads`` and ``collect_executor`` from the flags. While it runs,
+``max_threads`` and ``collect_executor`` from the flags. While it runs,
 the worker processes are sampled every 0.2 s (RSS, VmHWM, CPU) and the
 committed periods are counted in the database.
 
@@ -27,7 +27,7 @@ first query -> last commit, and over the whole command), CPU seconds of the
 process tree and CPU ms per period, per worker peak RSS and RSS after 10 % of
 the periods vs at the end, queries served with the maximum and mean number in
 flight, and the ratio to the latency bound
-``max_greenthreads / (metrics x latency)`` periods/s per worker (x workers).
+``max_threads / (metrics x latency)`` periods/s per worker (x workers).
 With ``--floor`` (default for W2) the floor is measured in-process: time to
 json-parse the same replies and insert the same rows into the same kind of
 database, in one transaction per period.
@@ -39,7 +39,7 @@ Examples::
     python benchmarks/run_catchup.py --workload W2 --workers 1      # + floor
     python benchmarks/run_catchup.py --workload W3 --scopes 2000
     python benchmarks/run_catchup.py --workload W1 --compare        # greenpool
-        # vs threads x max_greenthreads 8,16,32 (--compare-greenthreads ...)
+        # vs threads x max_threads 8,16,32 (--compare-greenthreads ...)
     python benchmarks/run_catchup.py --workload W2 --profile py-spy  # top CPU
         # costs of the worker (needs `pip install py-spy`; SVG + raw stacks in
         # --profile-out)
@@ -337,7 +337,7 @@ def write_config(spec: RunSpec, workdir: pathlib.Path, prom_url: str) -> pathlib
     (workdir / "rating.yml").write_text(RULES_YML)
     db = spec.db or f"sqlite:///{workdir / 'state' / 'bench.sqlite'}"
     end = BEGIN + datetime.timedelta(hours=spec.periods)
-    orch = [f"max_workers = {spec.workers}", f"max_greenthreads = {spec.greenthreads}",
+    orch = [f"max_workers = {spec.workers}", f"max_threads = {spec.greenthreads}",
             f"collect_executor = {spec.executor}", "poll_interval = 1"]
     if spec.lookahead:
         orch.append(f"lookahead_periods = {spec.lookahead}")
@@ -1369,7 +1369,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-ms", type=float, dest="latency_ms")
     ap.add_argument("--workers", type=int, default=1, help="[orchestrator] max_workers")
     ap.add_argument("--greenthreads", type=int, default=16,
-                    help="[orchestrator] max_greenthreads")
+                    help="[orchestrator] max_threads")
     ap.add_argument("--executor", choices=("greenpool", "threads"), default="greenpool",
                     help="[orchestrator] collect_executor")
     ap.add_argument("--lookahead", type=int, help="[orchestrator] lookahead_periods")

@@ -156,10 +156,13 @@ orchestrator_opts = [
         "(useful to keep only the other services of the daemon).",
     ),
     cfg.IntOpt(
-        "max_greenthreads",
+        "max_threads",
         default=16,
         min=1,
-        help="Concurrent collector queries per worker.",
+        deprecated_name="max_greenthreads",
+        help="Concurrent collector queries per worker (green threads or "
+        "threads, see collect_executor). CloudKitty's name; the former "
+        "max_greenthreads (CloudKitty's former name too) still works.",
     ),
     cfg.IntOpt(
         "max_host_queries",
@@ -167,8 +170,8 @@ orchestrator_opts = [
         min=0,
         help="Cap on the collector queries in flight from this host, shared "
         "evenly by its workers (each gets max(1, max_host_queries // "
-        "max_workers), at most max_greenthreads), to protect the metrics "
-        "backend. 0: no cap beyond max_greenthreads per worker.",
+        "max_workers), at most max_threads), to protect the metrics "
+        "backend. 0: no cap beyond max_threads per worker.",
     ),
     cfg.StrOpt(
         "collect_executor",
@@ -176,7 +179,7 @@ orchestrator_opts = [
         choices=[
             ("greenpool", "eventlet GreenPool with green HTTP (no monkey "
              "patching)"),
-            ("threads", "a ThreadPoolExecutor of max_greenthreads threads"),
+            ("threads", "a ThreadPoolExecutor of max_threads threads"),
         ],
         help="How a worker runs its concurrent collector queries.",
     ),
@@ -203,7 +206,7 @@ orchestrator_opts = [
         "while it rates and commits earlier ones. Periods are always "
         "committed in time order. The worker raises it as needed to keep "
         "every one of its concurrent queries busy "
-        "(2 x max_greenthreads / metrics).",
+        "(2 x max_threads / metrics).",
     ),
     cfg.BoolOpt(
         "lookahead_scopes",
@@ -296,6 +299,14 @@ storage_opts = [
         help="Storage plugin (stevedore namespace cloudkitty_proc.storage): sql "
         "(everything in [database]), influxdb, elasticsearch or opensearch "
         "(rated points there in CloudKitty's v2 layout, states in [database]).",
+    ),
+    cfg.IntOpt(
+        "version",
+        default=2,
+        min=1,
+        max=2,
+        help="CloudKitty's storage version. Only 2 (CloudKitty's default) is "
+        "supported: 1 is refused at start.",
     ),
 ]
 

@@ -14,6 +14,7 @@ from oslo_config import cfg
 
 from cloudkitty_proc import utils
 from cloudkitty_proc.conf import CONF, list_opts, register_opts
+from cloudkitty_proc.dropin import config_compat
 from cloudkitty_proc.exceptions import ConfigError
 
 
@@ -41,6 +42,10 @@ def validate(conf: cfg.ConfigOpts = CONF) -> None:
                     msg = msg.split("is not valid:", 1)[1].strip()
                 raise ConfigError(f"{where}[{group or 'DEFAULT'}] {opt.dest}: "
                                   f"invalid value: {msg}") from None
+    if conf.storage.version != 2:
+        raise ConfigError(f"{_location(conf, 'version', 'storage')}[storage] version = "
+                          f"{conf.storage.version}: v1 storage is not supported (only "
+                          "CloudKitty's v2 storage, version = 2)")
     period = conf.collect.period
     bounds = {}
     for key in ("begin", "end"):
@@ -82,6 +87,7 @@ def check_files(conf: cfg.ConfigOpts = CONF) -> None:
         raise ConfigError(f"{exc.config_file}: {exc.msg}") from None
     except cfg.Error as exc:
         raise ConfigError(str(exc).strip()) from None
+    config_compat.apply_cloudkitty_defaults(copy)
     validate(copy)
     if copy.collect.period != conf.collect.period:
         raise ConfigError(f"{_location(copy, 'period', 'collect')}[collect] period: "

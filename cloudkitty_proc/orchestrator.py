@@ -41,9 +41,9 @@ LOG = logging.getLogger(__name__)
 
 
 def pool_size(conf: cfg.ConfigOpts) -> int:
-    """Concurrent queries of one worker: max_greenthreads, within its share
+    """Concurrent queries of one worker: max_threads, within its share
     of [orchestrator] max_host_queries."""
-    size = conf.orchestrator.max_greenthreads
+    size = conf.orchestrator.max_threads
     cap = conf.orchestrator.max_host_queries
     if cap:
         size = min(size, max(1, cap // max(conf.orchestrator.max_workers, 1)))

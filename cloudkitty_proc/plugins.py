@@ -66,6 +66,14 @@ def load_fetcher(conf: cfg.ConfigOpts):
 
 
 def load_rating_chain(conf: cfg.ConfigOpts) -> list:
+    """The rating processors, in order: ``[rating] processors``; with
+    ``[cloudkitty_proc] mode = cloudkitty``, CloudKitty's modules and rules
+    read live from its database instead (cloudkitty_proc/dropin/rules.py;
+    ``[rating] processors`` and the rules file are not used)."""
+    if conf.cloudkitty_proc.mode == "cloudkitty":
+        from cloudkitty_proc.dropin.rules import CloudKittyRatingChain  # drop-in mode only
+
+        return [CloudKittyRatingChain(conf)]
     names = [n.strip() for n in conf.rating.processors if n.strip()]
     if not names:
         raise ConfigError("[rating] processors: at least one processor is required "

@@ -18,6 +18,7 @@ import datetime
 import sqlalchemy as sa
 
 from cloudkitty_proc import utils
+from cloudkitty_proc.dropin import rating_tables
 from cloudkitty_proc.dropin import storage as dropin_storage
 from cloudkitty_proc.dropin import tables
 from cloudkitty_proc.dropin.scope_rows import ScopeIdentity
@@ -47,6 +48,7 @@ def create_cloudkitty_schema(url: str, heads: dict[str, str] | None = None) -> N
         versions = [tables.version_table(name, meta) for name in tables.HEADS]
         with engine.begin() as connection:
             tables.metadata.create_all(connection)
+            rating_tables.rating_metadata.create_all(connection)
             meta.create_all(connection)
             for table in versions:
                 connection.execute(table.insert().values(

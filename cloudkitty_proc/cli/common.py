@@ -16,6 +16,7 @@ from sqlalchemy import exc as sa_exc
 from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc import log as ckp_log
 from cloudkitty_proc import config_check, plugins
+from cloudkitty_proc.dropin import config_compat
 from cloudkitty_proc.exceptions import ConfigError, StorageError
 
 CONF = cfg.CONF
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None, prog: str, extra_cli_opts: list | None = 
         raise ConfigError(f"{exc.config_file}: {exc.msg}") from None
     except cfg.Error as exc:
         raise ConfigError(str(exc).strip()) from None
+    config_compat.apply_cloudkitty_defaults(CONF)
 
 
 def validate_options() -> None:

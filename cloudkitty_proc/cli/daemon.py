@@ -33,6 +33,7 @@ from oslo_config import cfg
 
 from cloudkitty_proc import config_check, data_period, leases, plugins, report, telemetry, utils
 from cloudkitty_proc.cli import common
+from cloudkitty_proc.dropin import config_compat
 from cloudkitty_proc.exceptions import ConfigError, SchemaError
 from cloudkitty_proc.log import mask_url
 from cloudkitty_proc.sdnotify import Notifier, watchdog_interval
@@ -161,6 +162,7 @@ def run_daemon() -> int:
     common.parse_args(None, "cloudkitty-proc", CLI_OPTS)
     from cloudkitty_proc import log as ckp_log
     ckp_log.setup(CONF)
+    config_compat.log_at_start(CONF)  # once, in the master
     common.validate_all()
     try:
         _check_storage()

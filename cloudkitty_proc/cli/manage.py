@@ -14,6 +14,7 @@ from cloudkitty_proc import (control, data_period, leases, plugins, quote, repor
 from cloudkitty_proc.cli import common
 from cloudkitty_proc.cli.manage_schema import (checked_storage, cmd_db, cmd_storage,
                                                open_storage)
+from cloudkitty_proc.dropin import config_compat
 from cloudkitty_proc.exceptions import (CollectError, ConfigError, InvalidRequestError,
                                         RatingError, SchemaError)
 from cloudkitty_proc.rating import cloudkitty_import
@@ -313,6 +314,11 @@ def cmd_reload_rules() -> int:
 
 
 def cmd_check() -> int:
+    options = config_compat.classify(CONF)
+    if options.no_effect_line():
+        print(options.no_effect_line())
+    for line in options.unknown_lines():
+        print(f"warning: {line}", file=sys.stderr)
     common.validate_all()
     collector_cls, metrics = plugins.load_metrics(CONF)
     collector = plugins.load_collector(CONF)

@@ -10,7 +10,7 @@ and returns one (labels, value) pair per item of the reply.
 
 HTTP goes through :class:`cloudkitty_proc.http.Transport` (keep-alive
 connections, one per concurrent query of the worker: ``max(10,
-[orchestrator] max_greenthreads)``; TLS per ``cafile`` / ``insecure``;
+[orchestrator] max_threads)``; TLS per ``cafile`` / ``insecure``;
 proxies and CA bundles from the environment; redirects; a deadline of
 ``timeout`` seconds per request). The query text is encoded once per metric
 and scope, the ``time`` parameter once per period end; replies are parsed
@@ -138,7 +138,7 @@ class PrometheusCollector(BaseCollector):
         # One keep-alive connection per concurrent query of the worker.
         self._http = http.Transport(
             self.url, option="[collector_prometheus] prometheus_url", green=self.green,
-            timeout=self.timeout, size=max(10, conf.orchestrator.max_greenthreads),
+            timeout=self.timeout, size=max(10, conf.orchestrator.max_threads),
             user=group.prometheus_user, password=group.prometheus_password,
             cafile=group.cafile, insecure=group.insecure)
         # (id(metric), scope, period seconds) -> (metric, query, target up to

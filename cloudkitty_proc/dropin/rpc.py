@@ -358,10 +358,11 @@ class CloudKittyRPCServer(messaging.RPCServer):
 
 
 def _reload_hook(request_reload: Callable[[], None]) -> Callable[[], None]:
-    """The worker's reload, and the rules module's ``invalidate()`` when it
-    has one (its cached rules, for quotes, are dropped at once)."""
+    """The worker's reload (its rating chain rebuilt at the next period),
+    and the rules module's ``invalidate_quote_chain()``: the rules cached for
+    quotes are dropped at once."""
     def reload() -> None:
-        invalidate = getattr(_rules_module(), "invalidate", None)
+        invalidate = getattr(_rules_module(), "invalidate_quote_chain", None)
         if invalidate is not None:
             invalidate()
         request_reload()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from cloudkitty_proc.dropin.rating_tables import RATING_TABLES
 from cloudkitty_proc.exceptions import SchemaError
 
 __all__ = ["CLOUDKITTY_VERSION", "HEADS", "TABLES", "check_schema", "metadata",
@@ -131,7 +132,7 @@ def _problems(connection: sa.Connection) -> list[str]:
             problems.append(f"CloudKitty's {name} is at {shown}, expected head {head} "
                             f"(CloudKitty {CLOUDKITTY_VERSION}): {hint}")
             continue
-        for table in TABLES[name]:
+        for table in TABLES[name] + RATING_TABLES.get(name, ()):
             if not inspector.has_table(table.name):
                 problems.append(f"CloudKitty's table {table.name} is missing although "
                                 f"{name} is at head {head}: {hint}")

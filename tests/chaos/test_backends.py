@@ -47,7 +47,7 @@ def test_oneshot_two_workers_exactly_once(tmp_path, sqlite_url, coordination_url
                                extra=helpers.ini(f"""
             [orchestrator]
             coordination_url = {coordination_url}
-            max_greenthreads = 2
+            max_threads = 2
             """, helpers.prometheus_collector_conf(prom.url)))
         daemon.manage(conf, "db", "upgrade")
         proc = daemon.run_oneshot(conf, timeout=120)

@@ -117,7 +117,7 @@ def test_chaos_kills_and_service_restarts(tmp_path, pg_url, redis_url, amqp_url)
     with DatasetPrometheus(om, metrics_yml, delay=0.09) as prom:
         extra = helpers.ini("""
             [orchestrator]
-            max_greenthreads = 2
+            max_threads = 2
             lookahead_periods = 2
             """, helpers.prometheus_collector_conf(prom.url, timeout=10, retries=3,
                                                      max_backoff=1))

@@ -23,7 +23,7 @@ HOUR = datetime.timedelta(hours=1)
 #: two queries in flight per worker: runs last seconds, not a blink
 SLOW = """
     [orchestrator]
-    max_greenthreads = 2
+    max_threads = 2
     """
 
 

@@ -471,7 +471,7 @@ def executor_collector(url, executor, **options):
     opts = {"prometheus_url": url, "retries": 0, "max_backoff": 0, **options}
     mconf = metrics_conf()
     conf = make_conf(collector_prometheus=opts,
-                     orchestrator={"collect_executor": executor, "max_greenthreads": 16})
+                     orchestrator={"collect_executor": executor, "max_threads": 16})
     return PrometheusCollector(conf, mconf), mconf.metrics[0]
 
 

@@ -213,7 +213,7 @@ def test_workers_killed_again_and_again_leave_no_duplicate_or_missing_point(
         extra = helpers.ini(
             """
             [orchestrator]
-            max_greenthreads = 2
+            max_threads = 2
             lookahead_periods = 2
             """, helpers.prometheus_collector_conf(prom.url, timeout=10, retries=3,
                                                      max_backoff=1),

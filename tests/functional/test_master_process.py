@@ -11,7 +11,9 @@ from tests import daemon, datagen
 PROBE = """
 import sys
 from cloudkitty_proc.cli import common, daemon
+from cloudkitty_proc.dropin import config_compat
 common.parse_args(["--config-file", sys.argv[1]], "cloudkitty-proc", daemon.CLI_OPTS)
+config_compat.log_at_start(common.CONF)
 common.validate_all()
 daemon._check_storage()
 bad = [m for m in ("eventlet", "tooz", "oslo_messaging") if m in sys.modules]

@@ -257,7 +257,7 @@ def test_due_rule():
 def test_host_query_cap_is_shared_by_workers(conf):
     from cloudkitty_proc.orchestrator import pool_size
 
-    conf.set_override("max_greenthreads", 16, group="orchestrator")
+    conf.set_override("max_threads", 16, group="orchestrator")
     conf.set_override("max_workers", 4, group="orchestrator")
     assert pool_size(conf) == 16
     conf.set_override("max_host_queries", 20, group="orchestrator")
