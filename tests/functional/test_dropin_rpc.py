@@ -34,8 +34,8 @@ from cloudkitty_proc import conf as ckp_conf  # noqa: F401 - registers the optio
 from cloudkitty_proc import messaging, plugins
 from cloudkitty_proc.dataframe import DataFrame, DataPoint
 from cloudkitty_proc.dropin import rpc
-from cloudkitty_proc.dropin.rpc_messages import native_quote
 from tests import cloudkitty_db
+from tests.cloudkitty_rules_db import RulesDB
 from tests.conftest import service_unavailable
 from tests.daemon import wait_until
 
@@ -46,19 +46,26 @@ UTC = datetime.timezone.utc
 T0 = datetime.datetime(2026, 1, 1, tzinfo=UTC)
 H = datetime.timedelta(hours=1)
 SCOPES = ["p1", "p2"]
-RULES = """\
-hashmap:
-  services:
-    instance:
-      fields:
-        flavor_name:
-          mappings:
-            - {value: m1.small, cost: "0.25", type: flat}
-"""
 #: what the API sends for POST /v1/rating/quote {"resources": [{"service":
-#: "instance", "desc": {"flavor_name": "m1.small"}, "volume": "2"}]}
-QUOTE = {"usage": {"instance": [{"desc": {"flavor_name": "m1.small"},
-                                 "vol": {"qty": "2", "unit": "undef"}}]}}
+#: "instance", "desc": {"groupby": {"id": "vm-1"}, "metadata": {"flavor_name":
+#: "m1.small"}}, "volume": "2"}]} (the groupby/metadata form: CloudKitty's
+#: quote reads only those); priced 0.50 by write_rules' rules
+QUOTE = {"usage": {"instance": [
+    {"desc": {"groupby": {"id": "vm-1"}, "metadata": {"flavor_name": "m1.small"}},
+     "vol": {"qty": "2", "unit": "undef"}}]}}
+
+
+def write_rules(db_url):
+    """The rating rules, in CloudKitty's tables as cloudkitty-api writes
+    them: hashmap enabled, service instance, field flavor_name, m1.small
+    flat 0.25."""
+    db = RulesDB(db_url)
+    try:
+        db.module("hashmap", True)
+        field = db.field(db.service("instance"), "flavor_name")
+        db.mapping("0.25", "flat", field=field, value="m1.small")
+    finally:
+        db.close()
 
 
 def scope_row(scope_id, **kw):
@@ -111,11 +118,12 @@ def dropin_overrides(db_url, influx_server, influx_database):
 @pytest.fixture
 def conf(tmp_path, vhost_url, influxdb_database):
     """cfg.CONF in the drop-in mode, on a SQLite database holding CloudKitty's
-    tables at their 25.0.0 heads and a fresh InfluxDB database."""
+    tables at their 25.0.0 heads (and rules: write_rules) and a fresh
+    InfluxDB database."""
     messaging.register_opts(cfg.CONF)
-    (tmp_path / "rating.yml").write_text(RULES)
     db_url = f"sqlite:///{tmp_path}/db.sqlite"
     cloudkitty_db.create_cloudkitty_schema(db_url)
+    write_rules(db_url)
     o = Overrides()
     for name, value, group in [
             ("transport_url", vhost_url, None),
@@ -124,9 +132,7 @@ def conf(tmp_path, vhost_url, influxdb_database):
             *dropin_overrides(db_url, *influxdb_database),
             ("begin", T0.isoformat(), "collect"),
             ("sources", SCOPES, "fetcher_source"),
-            ("coordination_url", f"file://{tmp_path}/locks", "orchestrator"),
-            ("processors", ["hashmap"], "rating"),
-            ("rules_file", str(tmp_path / "rating.yml"), "hashmap")]:
+            ("coordination_url", f"file://{tmp_path}/locks", "orchestrator")]:
         o.set(name, value, group)
     yield cfg.CONF
     o.clear()
@@ -186,15 +192,15 @@ def cloudkitty_row(conf, scope):
 
 
 class Server:
-    """Our server in this process, with counting callbacks."""
+    """Our server in this process, with counting callbacks; quotes by the
+    daemon's own function (the rules of CloudKitty's tables)."""
 
     def __init__(self, conf):
         self.wakes = []
         self.reloads = []
         self.server = rpc.start_server(
             conf, "ckp-rpc-test-0", wake=lambda: self.wakes.append(1),
-            request_reload=lambda: self.reloads.append(threading.current_thread().name),
-            quote_fn=native_quote)
+            request_reload=lambda: self.reloads.append(threading.current_thread().name))
         assert self.server is not None
         assert self.server.wait_listening(30), "the RPC server did not start listening"
 
@@ -315,15 +321,20 @@ def test_reset_state_cast_makes_T_the_next_period_rated(conf, server, client, st
 
 
 def test_quote_call_answers_the_price_string(server, client):
-    """POST /v1/rating/quote: 2 × m1.small at a 0.25 flat field mapping. The
-    flat desc keys the API sends are used (CloudKitty's quote ignores them
-    and would answer 0); CloudKitty's internal groupby/metadata form too."""
+    """POST /v1/rating/quote: 2 × m1.small at a 0.25 flat field mapping, in
+    CloudKitty's groupby/metadata form. As CloudKitty's quote, the flat desc
+    keys the API's own documentation shows are not read (0), several
+    resources add up, and the answer is str() of the Decimal."""
     assert client.quote(res_data=QUOTE) == "0.50"
-    internal = {"usage": {"instance": [
+    flat = {"usage": {"instance": [{"desc": {"flavor_name": "m1.small"},
+                                    "vol": {"qty": "2", "unit": "undef"}}]}}
+    assert client.quote(res_data=flat) == "0"
+    several = {"usage": {"instance": [
         {"desc": {"groupby": {"id": "vm-1"}, "metadata": {"flavor_name": "m1.small"}},
          "vol": {"qty": "3", "unit": "instance"}},
-        {"desc": {"flavor_name": "m1.tiny"}, "vol": {"qty": 5, "unit": "undef"}}]}}
-    assert client.quote(res_data=internal) == "0.75"
+        {"desc": {"metadata": {"flavor_name": "m1.small"}}, "vol": {"qty": 1, "unit": "undef"}},
+        {"desc": {"metadata": {"flavor_name": "m1.tiny"}}, "vol": {"qty": 5, "unit": "undef"}}]}}
+    assert client.quote(res_data=several) == "1.00"
     assert client.quote(res_data={"usage": {}}) == "0"
 
 
@@ -473,20 +484,19 @@ def test_malformed_module_notifications_are_logged_and_ignored(server, client, c
 
 # -- wired into the daemon ---------------------------------------------------
 
-INSTANCE_V1 = "hashmap:\n  services:\n    instance:\n      mappings:\n" \
-              "        - {cost: \"0.01\", type: flat}\n"
-INSTANCE_V2 = INSTANCE_V1.replace("0.01", "0.02")
 
 
 def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vhost_url,
                                                                   influxdb_database):
     """``cloudkitty-proc`` with ``[cloudkitty_proc] mode = cloudkitty`` (CloudKitty's
     tables on SQLite, points in InfluxDB): its workers serve CloudKitty's
-    target (no control_exchange set). After rating everything at 0.01, the
-    rules file says 0.02; a fanout ``reload_module(hashmap)`` makes the
-    workers re-read it, and a ``reset_state`` cast to T0+4h makes them rate
-    T0+4h.. again: those periods at the new price (in InfluxDB), the earlier
-    ones still at the old one. A quote is answered with the new rules."""
+    target (no control_exchange set). After rating everything at 0.01 (a
+    service mapping in CloudKitty's tables), the mapping's cost becomes 0.02
+    (as ``PUT .../hashmap/mappings`` writes it) and the API's fanout
+    ``reload_module(hashmap)`` follows: both workers reload; a
+    ``reset_state`` cast to T0+4h makes them rate T0+4h.. again: those
+    periods at the new price (in InfluxDB), the earlier ones still at the
+    old one. A quote is answered with the new rules."""
     from cloudkitty_proc.dropin.scope_rows import ScopeIdentity
     from cloudkitty_proc.dropin.storage import storage_class
     from cloudkitty_proc.storage.influx import InfluxPointStore, InfluxStorage
@@ -498,13 +508,19 @@ def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vh
     (tmp_path / "usage.om").write_text(ds.openmetrics)
     db_url = f"sqlite:///{tmp_path}/ckp.sqlite"
     cloudkitty_db.create_cloudkitty_schema(db_url)
+    rules = RulesDB(db_url)
+    rules.module("hashmap", True)
+    mapping = rules.mapping("0.01", "flat", service=rules.service("instance"), value="")
     conf_path = daemon.write_config(
         tmp_path, db_url=db_url, scopes=ds.scopes, begin=ds.begin.isoformat(),
         end=ds.end.isoformat(), metrics_yml=datagen.METRICS_YML, om_path=tmp_path / "usage.om",
-        workers=2, processors="hashmap", rules_yml=INSTANCE_V1, transport_url=vhost_url,
-        host="ckp-dropin", extra=f"""\
+        workers=2, transport_url=vhost_url, host="ckp-dropin", extra=f"""\
             [cloudkitty_proc]
             mode = cloudkitty
+            [fetcher]
+            backend = source
+            [orchestrator]
+            coordination_url = file://{tmp_path}/locks
             [storage]
             backend = influxdb
             [storage_influxdb]
@@ -543,7 +559,7 @@ def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vh
         assert influx_period_starts(influx_server, database, scope) == [
             ds.begin + h * H for h in range(hours)]
 
-        (tmp_path / "rating.yml").write_text(INSTANCE_V2)
+        rules.update_mapping(mapping, cost="0.02")
         client.module("reload_module", name="hashmap")
         daemon.wait_until(lambda: log.read_text().count("reloaded its configuration") == 2,
                           timeout=60, what="both workers reloaded")
@@ -567,3 +583,4 @@ def test_daemon_workers_serve_cloudkittys_target_in_cloudkitty_mode(tmp_path, vh
         o.clear()
         daemon.stop_daemon(proc)
         storage.close()
+        rules.close()

@@ -8,8 +8,8 @@ Our server runs in this process on the stack's transport_url, with the
 drop-in storage on the stack's own MariaDB database (CloudKitty's tables,
 made by cloudkitty-dbsync) and InfluxDB database, so the API's ``GET
 /v2/scope`` and ``GET /v2/dataframes`` show what our reset did; the quote
-is priced by our native path (rules in a YAML file): rules read from
-CloudKitty's tables are other modules' tests.
+is priced by the daemon's quote function with rules created through the
+stack's API (read from its tables).
 
 Service-backed: MariaDB, RabbitMQ + rabbitmqctl, influxd and the CloudKitty
 venv (built by a session fixture when missing).
@@ -25,7 +25,7 @@ from oslo_config import cfg
 from cloudkitty_proc import messaging
 from tests.cloudkitty_stack import cloudkitty_stack, cloudkitty_venv  # noqa: F401 (fixture)
 from tests.daemon import wait_until
-from tests.functional.test_dropin_rpc import (RULES, Overrides, Server, commit_hours,
+from tests.functional.test_dropin_rpc import (Overrides, Server, commit_hours,
                                               dropin_overrides, dropin_storage,
                                               influx_period_starts)
 
@@ -61,13 +61,26 @@ def stack(cloudkitty_venv, influxdb_server, tmp_path_factory):  # noqa: F811
         yield s
 
 
+@pytest.fixture(scope="module")
+def rules(stack):
+    """Through the API: hashmap enabled, service instance, field
+    flavor_name, m1.small flat 0.25 (a past start: ``?force=true``)."""
+    base = "/v1/rating/module_config/hashmap"
+    service = stack.call("POST", f"{base}/services", json={"name": "instance"})
+    field = stack.call("POST", f"{base}/fields",
+                       json={"service_id": service["service_id"], "name": "flavor_name"})
+    stack.call("POST", f"{base}/mappings", params={"force": "true"}, json={
+        "field_id": field["field_id"], "value": "m1.small", "cost": "0.25", "type": "flat",
+        "start": "2020-01-01T00:00:00"})
+    stack.call("PUT", "/v2/rating/modules/hashmap", json={"enabled": True})
+
+
 @pytest.fixture
-def ours(stack, t0, influxdb_server, tmp_path):
+def ours(stack, rules, t0, influxdb_server, tmp_path):
     """Our server on the stack's vhost, our storage on the stack's database
     and InfluxDB database: SCOPE rated up to t0+3h (four periods from t0;
     the first test's reset leaves fewer, rated again here)."""
     messaging.register_opts(cfg.CONF)
-    (tmp_path / "rating.yml").write_text(RULES)
     o = Overrides()
     for name, value, group in [
             ("transport_url", stack.transport_url, None),
@@ -75,9 +88,7 @@ def ours(stack, t0, influxdb_server, tmp_path):
             *dropin_overrides(stack.db_url, influxdb_server, INFLUX_DB),
             ("begin", t0.isoformat(), "collect"),
             ("sources", [SCOPE], "fetcher_source"),
-            ("coordination_url", f"file://{tmp_path}/locks", "orchestrator"),
-            ("processors", ["hashmap"], "rating"),
-            ("rules_file", str(tmp_path / "rating.yml"), "hashmap")]:
+            ("coordination_url", f"file://{tmp_path}/locks", "orchestrator")]:
         o.set(name, value, group)
     storage = dropin_storage(cfg.CONF)
     last = storage.get_state(SCOPE).last_processed
@@ -125,12 +136,18 @@ def test_put_v2_scope_reaches_our_reset_state(stack, ours, t0, influxdb_server):
 
 
 def test_post_v1_rating_quote_gets_our_price(stack, ours):
-    """2 × m1.small at 0.25 (a flat field mapping): CloudKitty's own quote
-    ignores the API's flat desc keys and would answer 0. The API answers
-    the processor's string as it is (a JSON string, not a number)."""
+    """2 × m1.small at 0.25 (a flat field mapping), with CloudKitty's
+    decimals: the cost is DECIMAL(40,28) in MariaDB. The API answers the
+    processor's string as it is (a JSON string, not a number). As
+    CloudKitty's quote, the API's flat desc keys are not read (0)."""
+    reply = stack.request("POST", "/v1/rating/quote", json={"resources": [
+        {"service": "instance", "desc": {"groupby": {"id": "vm-1"},
+                                         "metadata": {"flavor_name": "m1.small"}},
+         "volume": "2"}]})
+    assert (reply.status, reply.text) == (200, '"0.5000000000000000000000000000"')
     reply = stack.request("POST", "/v1/rating/quote", json={"resources": [
         {"service": "instance", "desc": {"flavor_name": "m1.small"}, "volume": "2"}]})
-    assert (reply.status, reply.text) == (200, '"0.50"')
+    assert (reply.status, reply.text) == (200, '"0"')
 
 
 def test_module_changes_through_the_api_reach_the_reload_callback(stack, ours):
