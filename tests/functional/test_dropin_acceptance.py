@@ -16,8 +16,9 @@ random, and each worker life inside its 3rd commit, after the points are
 written and before the SQL commit) — item 4.
 
 Item 1: ``/v2/summary`` (several groupbys, filters), ``/v2/dataframes``,
-``/v1/report/total``, ``/v1/report/summary`` and ``/v2/scope`` answer the
-same JSON from A and B; the one field that differs is named in
+``/v1/report/total``, ``/v1/report/summary`` (and ``/v1/report/tenants``,
+``/v1/storage/dataframes``) and ``/v2/scope`` answer the same JSON from A
+and B; the one field that differs is named in
 ``test_v2_scope_is_the_same``. Item 2, on B through its API: the quote,
 ``PUT /v2/scope`` (re-rates T: our semantics), a reprocessing task (done;
 on A it never completes with InfluxDB v1), and, the rules being read live
@@ -231,7 +232,7 @@ def test_v2_dataframes_is_the_same(rated, window):
     assert body["total"] > HOURS * len(SCOPES)
 
 
-def test_v1_reports_are_the_same(rated, window):
+def test_v1_reports_and_dataframes_are_the_same(rated, window):
     a, b = rated["a"], rated["b"]
     for path, params in [
             ("/v1/report/total", {}),
@@ -240,10 +241,14 @@ def test_v1_reports_are_the_same(rated, window):
             ("/v1/report/summary", {}),
             ("/v1/report/summary", {"groupby": "tenant_id,res_type"}),
             ("/v1/report/summary", {"tenant_id": "p2", "groupby": "res_type"}),
-            ("/v1/report/tenants", {})]:
+            ("/v1/report/tenants", {}),
+            ("/v1/storage/dataframes", {}),
+            ("/v1/storage/dataframes", {"tenant_id": "p2", "resource_type": "instance"})]:
         _same(*api_both(a, b, "GET", path, params={**window.params, **params}),
               (path, params))
     assert float(a.call("GET", "/v1/report/total", params=window.params)) > 0
+    frames = a.call("GET", "/v1/storage/dataframes", params=window.params)["dataframes"]
+    assert len(frames) >= HOURS
 
 
 def test_v2_scope_is_the_same(rated, window):
