@@ -19,6 +19,7 @@ from oslo_config import cfg, types
 from cloudkitty_proc import expressions
 from cloudkitty_proc.collectors import file as collector_file
 from cloudkitty_proc.collectors import prometheus as collector_prometheus
+from cloudkitty_proc.fetchers import keystone as fetcher_keystone
 from cloudkitty_proc.fetchers import prometheus as fetcher_prometheus
 from cloudkitty_proc.fetchers import source as fetcher_source
 from cloudkitty_proc.rating import hashmap as rating_hashmap
@@ -287,7 +288,7 @@ fetcher_opts = [
         "backend",
         default="source",
         help="Scope fetcher plugin (stevedore namespace "
-        "cloudkitty_proc.fetchers): source or prometheus.",
+        "cloudkitty_proc.fetchers): source, prometheus or keystone.",
     ),
 ]
 
@@ -383,6 +384,7 @@ _GROUPS = [
 PLUGIN_OPT_MODULES = (
     fetcher_source,
     fetcher_prometheus,
+    fetcher_keystone,
     collector_prometheus,
     collector_file,
     storage_sql,

@@ -93,7 +93,7 @@ def register(conf: cfg.ConfigOpts) -> None:
 def setup(conf: cfg.ConfigOpts, name: str = "cloudkitty-proc") -> None:
     oslo_log.set_defaults(default_log_levels=[
         "amqp=WARN", "amqplib=WARN", "oslo.messaging=INFO", "oslo_messaging=INFO",
-        "stevedore=WARN", "tooz=WARN", "urllib3=WARN", "requests=WARN",
+        "stevedore=WARN", "tooz=WARN", "urllib3=WARN", "requests=WARN", "keystoneauth=WARN",
         "cotyledon=INFO", "alembic=WARN", "sqlalchemy=WARN", "kombu=WARN",
     ])
     oslo_log.setup(conf, name)

@@ -144,6 +144,14 @@ def influxdb_server(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="session")
+def keystone_server(tmp_path_factory):
+    """A private Keystone 30.0.0 for the session (tests/keystone_server.py)."""
+    from tests.keystone_server import running_keystone
+    with running_keystone(tmp_path_factory.mktemp("keystone")) as server:
+        yield server
+
+
 @pytest.fixture
 def influxdb_database(influxdb_server):
     """A fresh database on the session's influxd, dropped after the test:

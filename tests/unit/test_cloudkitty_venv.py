@@ -1,5 +1,5 @@
-"""tools/cloudkitty_venv.py decides to reuse or rebuild the CloudKitty venv
-from its marker (no pip run here: ``build`` is replaced)."""
+"""tools/cloudkitty_venv.py and tools/keystone_venv.py decide to reuse or
+rebuild their venv from its marker (no pip run here: ``build`` is replaced)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def tool(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("cloudkitty_venv",
-                                                  ROOT / "tools" / "cloudkitty_venv.py")
+#: tool module, its venv's name, its log label, the requirement it pins
+TOOLS = {
+    "cloudkitty_venv": ("venv-cloudkitty-api-25.0.0", "cloudkitty", "cloudkitty==25.0.0"),
+    "keystone_venv": ("venv-keystone-30.0.0", "keystone", "keystone==30.0.0"),
+}
+
+
+@pytest.fixture(params=sorted(TOOLS))
+def tool(request, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(request.param,
+                                                  ROOT / "tools" / f"{request.param}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setenv("CLOUDKITTY_PROC_CACHE", str(tmp_path / "cache"))
@@ -29,12 +36,14 @@ def tool(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "build", fake_build)
     module.builds = builds
+    module.expected = TOOLS[request.param]
     return module
 
 
 def test_the_venv_lives_under_the_cache_directory(tool, tmp_path):
-    assert tool.venv_path() == tmp_path / "cache" / "venv-cloudkitty-api-25.0.0"
-    assert "cloudkitty==25.0.0" in tool.REQUIREMENTS
+    name, _, pinned = tool.expected
+    assert tool.venv_path() == tmp_path / "cache" / name
+    assert pinned in tool.REQUIREMENTS
 
 
 def test_built_once_then_reused(tool):
@@ -42,8 +51,9 @@ def test_built_once_then_reused(tool):
     venv = tool.ensure_venv(log=lines.append)
     assert tool.ensure_venv(log=lines.append) == venv
     assert tool.builds == [venv]
-    assert lines[0].startswith("cloudkitty venv built: ") and lines[0].endswith(" s)")
-    assert lines[1].startswith("cloudkitty venv reused: ")
+    label = tool.expected[1]
+    assert lines[0].startswith(f"{label} venv built: ") and lines[0].endswith(" s)")
+    assert lines[1].startswith(f"{label} venv reused: ")
 
 
 def test_rebuilt_when_the_requirement_list_changes(tool, monkeypatch):
@@ -56,7 +66,7 @@ def test_rebuilt_when_the_requirement_list_changes(tool, monkeypatch):
 
 def test_rebuilt_when_an_executable_is_missing_or_the_marker_is(tool):
     venv = tool.ensure_venv(log=None)
-    (venv / "bin" / "cloudkitty-processor").unlink()
+    (venv / "bin" / tool.EXECUTABLES[-1]).unlink()
     tool.ensure_venv(log=None)
     (venv / tool.MARKER).unlink()          # an interrupted build leaves no marker
     tool.ensure_venv(log=None)
