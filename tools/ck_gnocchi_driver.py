@@ -1,0 +1,99 @@
+"""Runs CloudKitty 25.0.0's own GnocchiCollector and GnocchiFetcher and
+prints what they return as JSON (run with the CloudKitty venv's python, see
+tools/cloudkitty_venv.py). The reference of tests/functional/
+test_gnocchi_collector.py; never imported by cloudkitty_proc or its tests
+(CloudKitty's oslo.config options would clash with ours).
+
+    TZ=UTC <venv>/bin/python tools/ck_gnocchi_driver.py SPEC.json
+
+SPEC.json::
+
+    {"endpoint": "http://127.0.0.1:8041", "user": "admin",
+     "scope_key": "project_id", "period": 3600, "metrics_yml": "/path/metrics.yml",
+     "scopes": ["p1", ...], "periods": [["2026-01-01T10:00:00+00:00", "...11:00..."], ...],
+     "fetcher": {"resource_types": ["generic"], "scope_attribute": "project_id"}}
+
+Output (stdout): {"rows": [{"metric": <CloudKitty's metric key>, "type":
+<usage type>, "scope": ..., "begin": ..., "points": [{"unit", "qty" (text),
+"price", "groupby" (object, CloudKitty's key order), "groupby_keys",
+"metadata"}...] or "error": "<exception>"}...], "scopes": [fetcher's]}.
+No data (NoDataCollected) is an empty list of points.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+
+from oslo_config import cfg
+
+from cloudkitty import collector as ck_collector
+from cloudkitty import utils as ck_utils
+from cloudkitty.collector import gnocchi as ck_gnocchi
+from cloudkitty.fetcher import gnocchi as ck_fetcher
+from cloudkitty.utils import tz as tzutils
+
+CONF = cfg.CONF
+
+
+def configure(spec: dict) -> None:
+    fetcher = spec.get("fetcher", {})
+    text = f"""[collect]
+collector = gnocchi
+scope_key = {spec['scope_key']}
+period = {spec['period']}
+metrics_conf = {spec['metrics_yml']}
+[collector_gnocchi]
+gnocchi_auth_type = basic
+gnocchi_user = {spec['user']}
+gnocchi_endpoint = {spec['endpoint']}
+[fetcher_gnocchi]
+gnocchi_auth_type = basic
+gnocchi_user = {spec['user']}
+gnocchi_endpoint = {spec['endpoint']}
+resource_types = {','.join(fetcher.get('resource_types', ['generic']))}
+scope_attribute = {fetcher.get('scope_attribute', 'project_id')}
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as fh:
+        fh.write(text)
+    CONF(["--config-file", fh.name], project="cloudkitty")
+
+
+def point_dict(point) -> dict:
+    return {"unit": point.unit, "qty": str(point.qty), "price": str(point.price),
+            "groupby": dict(point.groupby), "groupby_keys": list(point.groupby.keys()),
+            "metadata": dict(point.metadata)}
+
+
+def main(path: str) -> None:
+    with open(path) as fh:
+        spec = json.load(fh)
+    configure(spec)
+    metrics = ck_utils.load_conf(spec["metrics_yml"])
+    coll = ck_gnocchi.GnocchiCollector(period=spec["period"], conf=metrics)
+    rows = []
+    for key in coll.conf:
+        for scope in spec["scopes"]:
+            for begin_text, end_text in spec["periods"]:
+                begin = tzutils.dt_from_iso(begin_text)
+                end = tzutils.dt_from_iso(end_text)
+                row = {"metric": key, "scope": scope, "begin": begin_text}
+                try:
+                    name, points = coll.retrieve(key, begin, end, project_id=scope)
+                    row["type"] = name
+                    row["points"] = [point_dict(p) for p in points]
+                except ck_collector.NoDataCollected:
+                    row["type"] = coll.conf[key].get("alt_name", key)
+                    row["points"] = []
+                except Exception as exc:  # noqa: BLE001 - reported to the test
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                rows.append(row)
+    scopes = None
+    if spec.get("fetcher") is not None:
+        scopes = sorted(ck_fetcher.GnocchiFetcher().get_tenants())
+    json.dump({"rows": rows, "scopes": scopes}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
