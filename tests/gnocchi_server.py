@@ -406,3 +406,32 @@ def run_cloudkitty_driver(spec: Mapping[str, Any], workdir: Path,
         raise RuntimeError(f"ck_gnocchi_driver.py failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-4000:]}")
     return jsonlib.loads(proc.stdout)
+
+
+def bulk_generic_resources(server: GnocchiServer, project_ids: list[str | None]) -> float:
+    """One ``generic`` resource per item of ``project_ids`` (None: a null
+    project_id), written straight into the indexer's ``resource`` table in
+    one INSERT (as Gnocchi writes a new generic resource: id, creator,
+    started_at = revision_start = now, original_resource_id = the id; no
+    history row). Through the API 20,000 resources take about 3 minutes
+    (110/s with 4 threads), through Gnocchi's indexer API about 70 s; this
+    takes a second. Returns the seconds it took."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    started = time.monotonic()
+    ids = [str(uuid.uuid4()) for _ in project_ids]
+    engine = sa.create_engine(server.indexer_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO resource (id, creator, started_at, revision_start, ended_at, "
+                "user_id, project_id, original_resource_id, type) "
+                "SELECT i::uuid, 'admin', now() AT TIME ZONE 'UTC', now() AT TIME ZONE 'UTC', "
+                "NULL, 'u-bulk', p, i, 'generic' "
+                "FROM unnest(%(ids)s::text[], %(projects)s::text[]) AS t(i, p)",
+                {"ids": ids, "projects": list(project_ids)})
+    finally:
+        engine.dispose()
+    return time.monotonic() - started

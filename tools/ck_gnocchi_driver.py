@@ -16,7 +16,9 @@ SPEC.json::
 Output (stdout): {"rows": [{"metric": <CloudKitty's metric key>, "type":
 <usage type>, "scope": ..., "begin": ..., "points": [{"unit", "qty" (text),
 "price", "groupby" (object, CloudKitty's key order), "groupby_keys",
-"metadata"}...] or "error": "<exception>"}...], "scopes": [fetcher's]}.
+"metadata"}...] or "error": "<exception>"}...], "scopes": [fetcher's], "fetcher": {"rss_before_kib", "rss_peak_kib",
+"traced_peak_kib", "seconds"} (memory and time of the fetcher's call)}.
+``metrics_yml`` may be left out (the fetcher alone).
 No data (NoDataCollected) is an empty list of points.
 """
 
@@ -25,6 +27,8 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
+import tracemalloc
 
 from oslo_config import cfg
 
@@ -41,9 +45,9 @@ def configure(spec: dict) -> None:
     fetcher = spec.get("fetcher", {})
     text = f"""[collect]
 collector = gnocchi
-scope_key = {spec['scope_key']}
-period = {spec['period']}
-metrics_conf = {spec['metrics_yml']}
+scope_key = {spec.get('scope_key', 'project_id')}
+period = {spec.get('period', 3600)}
+metrics_conf = {spec.get('metrics_yml') or '/nonexistent/metrics.yml'}
 [collector_gnocchi]
 gnocchi_auth_type = basic
 gnocchi_user = {spec['user']}
@@ -70,10 +74,13 @@ def main(path: str) -> None:
     with open(path) as fh:
         spec = json.load(fh)
     configure(spec)
-    metrics = ck_utils.load_conf(spec["metrics_yml"])
-    coll = ck_gnocchi.GnocchiCollector(period=spec["period"], conf=metrics)
     rows = []
-    for key in coll.conf:
+    keys = []
+    if spec.get("metrics_yml"):
+        metrics = ck_utils.load_conf(spec["metrics_yml"])
+        coll = ck_gnocchi.GnocchiCollector(period=spec["period"], conf=metrics)
+        keys = list(coll.conf)
+    for key in keys:
         for scope in spec["scopes"]:
             for begin_text, end_text in spec["periods"]:
                 begin = tzutils.dt_from_iso(begin_text)
@@ -89,10 +96,37 @@ def main(path: str) -> None:
                 except Exception as exc:  # noqa: BLE001 - reported to the test
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)
-    scopes = None
+    out = {"rows": rows, "scopes": None}
     if spec.get("fetcher") is not None:
-        scopes = sorted(ck_fetcher.GnocchiFetcher().get_tenants())
-    json.dump({"rows": rows, "scopes": scopes}, sys.stdout)
+        fetcher = ck_fetcher.GnocchiFetcher()
+        scopes, out["fetcher"] = measure(fetcher.get_tenants)
+        out["scopes"] = sorted(scopes)
+    json.dump(out, sys.stdout)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def measure(call):
+    """call()'s result and its figures: RSS before, peak RSS during (the
+    kernel's VmHWM, reset first through /proc/self/clear_refs), tracemalloc's
+    peak, seconds."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    rss = _status("VmRSS")
+    tracemalloc.start()
+    started = time.monotonic()
+    result = call()
+    seconds = time.monotonic() - started
+    traced = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return result, {"rss_before_kib": rss, "rss_peak_kib": _status("VmHWM"),
+                    "traced_peak_kib": traced // 1024, "seconds": seconds}
 
 
 if __name__ == "__main__":
