@@ -435,3 +435,48 @@ def bulk_generic_resources(server: GnocchiServer, project_ids: list[str | None])
     finally:
         engine.dispose()
     return time.monotonic() - started
+
+
+def backdate_resources(server: GnocchiServer, when: datetime.datetime) -> None:
+    """Make every resource (of one revision) look created at ``when``:
+    ``started_at`` and ``revision_start`` set in the indexer. Gnocchi's
+    history query (``use_history``) then serves periods from ``when`` on,
+    so that tests can rate past hours, as a daemon does."""
+    import sqlalchemy as sa
+
+    naive = when.astimezone(UTC).replace(tzinfo=None)
+    engine = sa.create_engine(server.indexer_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE resource SET started_at = %(t)s, revision_start = %(t)s",
+                                 {"t": naive})
+    finally:
+        engine.dispose()
+
+
+def plugin_env(workdir: Path) -> dict[str, str]:
+    """The environment of a cloudkitty-proc subprocess that must find the
+    ``gnocchi`` collector and fetcher entry points. They are in setup.cfg;
+    until the package is installed again (``pip install -e .``) its
+    installed metadata lacks them: then a distribution holding just these
+    entry points is written under ``workdir`` and put on PYTHONPATH."""
+    from importlib import metadata
+
+    have = {(ep.group, ep.name) for group in ("cloudkitty_proc.collectors",
+                                              "cloudkitty_proc.fetchers")
+            for ep in metadata.entry_points(group=group)}
+    env = {"PYTHONPATH": str(ROOT)}
+    if {("cloudkitty_proc.collectors", "gnocchi"), ("cloudkitty_proc.fetchers", "gnocchi")} \
+            <= have:
+        return env
+    dist = workdir / "site" / "cloudkitty_proc_gnocchi_entry_points-0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\n"
+                                   "Name: cloudkitty-proc-gnocchi-entry-points\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(
+        "[cloudkitty_proc.collectors]\n"
+        "gnocchi = cloudkitty_proc.collectors.gnocchi:GnocchiCollector\n"
+        "[cloudkitty_proc.fetchers]\n"
+        "gnocchi = cloudkitty_proc.fetchers.gnocchi:GnocchiFetcher\n")
+    env["PYTHONPATH"] += os.pathsep + str(dist.parent)
+    return env
