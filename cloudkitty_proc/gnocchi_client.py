@@ -53,21 +53,10 @@ TEXT_LIMIT = 300
 
 def _keystone_opts() -> list[cfg.Opt]:
     """keystoneauth's ``auth_type``/``auth_section`` and session options,
-    its own definitions when it is installed (so that registering them again
-    through ``keystoneauth1.loading`` is harmless), else the same names."""
-    try:
-        from keystoneauth1 import loading
-    except ImportError:
-        return [
-            cfg.StrOpt("auth_type", help="Authentication type to load (keystone)."),
-            cfg.StrOpt("auth_section", help="Config section for auth options (keystone)."),
-            cfg.StrOpt("cafile", help="PEM encoded CA bundle to verify HTTPS connections."),
-            cfg.StrOpt("certfile", help="PEM encoded client certificate (not used: "
-                       "CloudKitty does not send it to Gnocchi either)."),
-            cfg.StrOpt("keyfile", help="PEM encoded client certificate key (not used)."),
-            cfg.BoolOpt("insecure", default=False, help="Do not verify HTTPS connections."),
-            cfg.FloatOpt("timeout", help="Timeout value for http requests."),
-        ]
+    its own definitions (registering them again through
+    ``keystoneauth1.loading``, as the keystone support will, is harmless)."""
+    from keystoneauth1 import loading
+
     return [*loading.get_auth_common_conf_options(), *loading.get_session_conf_options()]
 
 

@@ -8,7 +8,8 @@ query, the JSON body, and for ``POST /v1/aggregates`` the scope id found in
 its search filter and the ``start`` parameter); ``fault`` returns None
 (forward), ``("reply", status, body)`` (answer that instead) or
 ``("sleep", seconds)`` (wait, then forward: a client with a shorter timeout
-gives up first). Every request is appended to ``proxy.seen``. Use it as a
+gives up first). Every request is appended to ``proxy.seen``;
+``proxy.max_active`` is the most requests it held at once. Use it as a
 context manager (``proxy.url``).
 """
 
@@ -64,6 +65,8 @@ class FaultProxy:
         self.fault = fault or (lambda seen: None)
         self.scope_key = scope_key
         self.seen: list[Seen] = []
+        self.active = self.max_active = 0
+        self._lock = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -71,6 +74,16 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
+                with proxy._lock:
+                    proxy.active += 1
+                    proxy.max_active = max(proxy.max_active, proxy.active)
+                try:
+                    self._forward()
+                finally:
+                    with proxy._lock:
+                        proxy.active -= 1
+
+            def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 parts = urllib.parse.urlsplit(self.path)

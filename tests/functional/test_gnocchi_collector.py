@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import json
 
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from cloudkitty_proc.dataframe import time_groupby
 from cloudkitty_proc.exceptions import ConfigError
 from cloudkitty_proc.fetchers.gnocchi import GnocchiFetcher
 from cloudkitty_proc.metrics_conf import load_metrics_conf
+from tests.fakes.gnocchi_proxy import FaultProxy
 from tests.functional.test_collector_prometheus import make_conf
 from tests.gnocchi_server import hour_floor, run_cloudkitty_driver, running_gnocchi
 
@@ -153,21 +155,33 @@ def our_rows(coll, scopes, spans):
     return out
 
 
+def aggregates_queries(proxy):
+    """The aggregates requests a proxy saw: (query string, JSON body) each."""
+    return sorted((json.dumps(s.query, sort_keys=True), json.dumps(s.body, sort_keys=True))
+                  for s in proxy.seen if s.path == "/v1/aggregates")
+
+
 def test_same_rows_as_cloudkitty_gnocchi_collector(filled, tmp_path):
     server, h0 = filled
     path = tmp_path / "metrics.yml"
     path.write_text(yaml.safe_dump(METRICS))
     spans = periods(h0)
-    spec = {"endpoint": server.url, "user": "admin", "scope_key": "project_id",
-            "period": 3600, "metrics_yml": str(path), "scopes": SCOPES,
-            "periods": [[b.isoformat(), e.isoformat()] for b, e in spans],
-            "fetcher": {"resource_types": ["generic"], "scope_attribute": "project_id"}}
-    theirs = run_cloudkitty_driver(spec, tmp_path)
-    coll = collector(server, path)
-    try:
-        ours = our_rows(coll, SCOPES, spans)
-    finally:
-        coll.close()
+    # each through a proxy that records its requests
+    with FaultProxy(server.url) as theirs_proxy, FaultProxy(server.url) as ours_proxy:
+        spec = {"endpoint": theirs_proxy.url, "user": "admin", "scope_key": "project_id",
+                "period": 3600, "metrics_yml": str(path), "scopes": SCOPES,
+                "periods": [[b.isoformat(), e.isoformat()] for b, e in spans],
+                "fetcher": {"resource_types": ["generic"], "scope_attribute": "project_id"}}
+        theirs = run_cloudkitty_driver(spec, tmp_path)
+        coll = collector(ours_proxy, path)
+        try:
+            ours = our_rows(coll, SCOPES, spans)
+        finally:
+            coll.close()
+    # the same aggregates queries (query strings and bodies)
+    sent = aggregates_queries(ours_proxy)
+    assert sent == aggregates_queries(theirs_proxy)
+    assert len(sent) == len(SCOPES) * len(spans) * 7
     expected = ck_rows(theirs)
     assert set(ours) == set(expected)
     for key in sorted(expected):

@@ -208,3 +208,39 @@ def _states(conf, env):
 def _export(conf, env):
     proc = daemon.manage(conf, "export", env=env)
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_green_queries_overlap(usage, tmp_path):
+    """collect_executor greenpool: queries from green threads run at once
+    (green sockets, no monkey patching), with the same rows as real threads."""
+    import warnings
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+    import eventlet
+
+    server, first = usage
+    path = tmp_path / "metrics.yml"
+    path.write_text(yaml.safe_dump(METRICS))
+    metrics = load_metrics_conf(str(path), extra_args_schema=GNOCCHI_EXTRA_ARGS)
+    begin, end = first + HOUR, first + 2 * HOUR
+    results = {}
+    with FaultProxy(server.url, lambda seen: ("sleep", 0.2)) as proxy:
+        for executor in ("greenpool", "threads"):
+            conf = make_conf(collector_gnocchi={"gnocchi_auth_type": "basic",
+                                                "gnocchi_user": "admin",
+                                                "gnocchi_endpoint": proxy.url},
+                             orchestrator={"collect_executor": executor})
+            coll = GnocchiCollector(conf, metrics)
+            try:
+                assert coll.green is (executor == "greenpool")
+                jobs = [(m, s) for m in coll.metrics for s in SCOPES]
+                if executor == "greenpool":
+                    pool = eventlet.GreenPool(len(jobs))
+                    got = list(pool.imap(lambda j: coll.retrieve(j[0], j[1], begin, end), jobs))
+                    assert proxy.max_active > 1, "queries were serialised"
+                else:
+                    got = [coll.retrieve(m, s, begin, end) for m, s in jobs]
+            finally:
+                coll.close()
+            results[executor] = [sorted(map(repr, points)) for points in got]
+    assert results["greenpool"] == results["threads"]
+    assert sum(map(len, results["threads"])) == 18   # 5 scopes x 2 vms, 4 without memory
