@@ -93,6 +93,17 @@ def hour_floor(when: datetime.datetime | None = None) -> datetime.datetime:
     return when.replace(minute=0, second=0, microsecond=0)
 
 
+def current_hour(margin: float = 90.0) -> datetime.datetime:
+    """The start of the current UTC hour, after waiting for the next one
+    when less than ``margin`` seconds are left: test data created "now"
+    then lands in the hour returned."""
+    now = datetime.datetime.now(UTC)
+    left = (hour_floor(now) + datetime.timedelta(hours=1) - now).total_seconds()
+    if left < margin:
+        time.sleep(left + 0.5)
+    return hour_floor()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -90,20 +90,20 @@ def parse_groups(data: Any) -> list[tuple[dict, list[Granule]]]:
     """(group, granules) of each item of an aggregates reply with groupby;
     the items without granules are left out. MalformedReply otherwise."""
     if type(data) is not list:
-        raise MalformedReply(f"expected a list of groups, got {_excerpt(data)}")
+        raise MalformedReply(f"expected a list of groups, got {excerpt(data)}")
     out = []
     for item in data:
         try:
             group = item["group"]
             granules = item["measures"]["measures"]["aggregated"]
         except (TypeError, KeyError):
-            raise MalformedReply(f"malformed group {_excerpt(item)}") from None
+            raise MalformedReply(f"malformed group {excerpt(item)}") from None
         if type(group) is not dict or type(granules) is not list:
-            raise MalformedReply(f"malformed group {_excerpt(item)}")
+            raise MalformedReply(f"malformed group {excerpt(item)}")
         for granule in granules:
             if type(granule) is not list or len(granule) != 3:
-                raise MalformedReply(f"malformed measure {_excerpt(granule)} in group "
-                                     f"{_excerpt(group)}")
+                raise MalformedReply(f"malformed measure {excerpt(granule)} in group "
+                                     f"{excerpt(group)}")
         if granules:
             out.append((group, granules))
     return out
@@ -161,7 +161,7 @@ def combine(granules: list[Granule], re_aggregation_method: str) -> Any:
     values = [g[2] for g in sorted(granules, key=lambda g: g[0]) if g[1] == coarsest]
     for v in values:
         if type(v) not in (int, float):
-            raise MalformedReply(f"value {_excerpt(v)} is not a number")
+            raise MalformedReply(f"value {excerpt(v)} is not a number")
     method = re_aggregation_method
     how = COMBINE["sum"] if method.startswith("rate:") else COMBINE.get(method, COMBINE["mean"])
     return how(values)
@@ -175,7 +175,7 @@ def quantity(metric: MetricDef, value: Any) -> decimal.Decimal:
     number, a negative quantity (unless a rate or a custom query may give
     one) or one out of the accepted range."""
     if type(value) not in (int, float):
-        raise ValueError(f"value {_excerpt(value)} is not a number")
+        raise ValueError(f"value {excerpt(value)} is not a number")
     number = decimal.Decimal(value)
     if not number.is_finite():
         raise ValueError(f"value {value!r} is not a finite number")
@@ -206,6 +206,6 @@ def attribute_text(value: Any) -> str:
     return value if type(value) is str else str(value)
 
 
-def _excerpt(value: Any, limit: int = 200) -> str:
+def excerpt(value: Any, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."

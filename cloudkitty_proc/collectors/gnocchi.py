@@ -268,7 +268,7 @@ class GnocchiCollector(BaseCollector):
                                                      hooks=(self.io_begin, self.io_done))
                 if type(page) is not list or any(type(r) is not dict for r in page):
                     raise GnocchiError(f"POST {self.safe_url}{path}: expected a list of "
-                                       f"resources, got {reply._excerpt(page)}", "malformed",
+                                       f"resources, got {reply.excerpt(page)}", "malformed",
                                        retryable=True)
                 for resource in page:
                     found[resource.get(key)] = resource

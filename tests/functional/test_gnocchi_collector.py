@@ -23,12 +23,12 @@ import yaml
 
 from cloudkitty_proc.collectors.gnocchi import GNOCCHI_EXTRA_ARGS, GnocchiCollector
 from cloudkitty_proc.dataframe import time_groupby
-from cloudkitty_proc.exceptions import ConfigError
+from cloudkitty_proc.exceptions import CollectError, ConfigError
 from cloudkitty_proc.fetchers.gnocchi import GnocchiFetcher
 from cloudkitty_proc.metrics_conf import load_metrics_conf
 from tests.fakes.gnocchi_proxy import FaultProxy
 from tests.functional.test_collector_prometheus import make_conf
-from tests.gnocchi_server import hour_floor, run_cloudkitty_driver, running_gnocchi
+from tests.gnocchi_server import current_hour, run_cloudkitty_driver, running_gnocchi
 
 HOUR = datetime.timedelta(hours=1)
 MINUTE = datetime.timedelta(minutes=1)
@@ -77,7 +77,7 @@ def filled(tmp_path_factory):
             "vcpus": {"type": "number", "required": False}})
         server.create_resource_type("volume", {
             "volume_type": {"type": "string", "required": False}})
-        h0 = hour_floor()
+        h0 = current_hour()   # vm-b1's second revision starts in it
         steps = [h0 + 5 * i * MINUTE for i in range(HOURS * 12)]
         measures = {}
 
@@ -264,3 +264,31 @@ def test_use_all_resource_revisions_false_needs_revision_start(filled, tmp_path)
         "extra_args": {"resource_type": "instance", "use_all_resource_revisions": False}}}}))
     with pytest.raises(ConfigError, match="needs 'revision_start' in groupby"):
         collector(server, path)
+
+
+def test_check_and_authentication(filled, tmp_path):
+    """check() reaches Gnocchi and finds each metric's resource type;
+    without credentials a basic-auth Gnocchi answers 401: an error at once."""
+    server, h0 = filled
+    path = tmp_path / "metrics.yml"
+    path.write_text(yaml.safe_dump(METRICS))
+    coll = collector(server, path)
+    try:
+        coll.check()
+    finally:
+        coll.close()
+    path.write_text(yaml.safe_dump({"metrics": {"cpu": {
+        "unit": "instance", "extra_args": {"resource_type": "instanse"}}}}))
+    coll = collector(server, path)
+    try:
+        with pytest.raises(CollectError, match="has no resource type instanse"):
+            coll.check()
+    finally:
+        coll.close()
+    coll = collector(server, path, gnocchi_auth_type="noauth")
+    try:
+        with pytest.raises(CollectError, match="HTTP 401") as err:
+            coll.retrieve(coll.metrics.metrics[0], "p-a", h0, h0 + HOUR)
+        assert err.value.kind == "http" and "after" not in str(err.value)
+    finally:
+        coll.close()
