@@ -25,8 +25,8 @@ No data (NoDataCollected) is an empty list of points.
 from __future__ import annotations
 
 import json
+import os
 import sys
-import tempfile
 import time
 import tracemalloc
 
@@ -41,7 +41,9 @@ from cloudkitty.utils import tz as tzutils
 CONF = cfg.CONF
 
 
-def configure(spec: dict) -> None:
+def configure(spec: dict, path: str) -> None:
+    """CloudKitty's options from ``spec``, in a cloudkitty.conf beside the
+    spec file ``path``."""
     fetcher = spec.get("fetcher", {})
     text = f"""[collect]
 collector = gnocchi
@@ -59,9 +61,10 @@ gnocchi_endpoint = {spec['endpoint']}
 resource_types = {','.join(fetcher.get('resource_types', ['generic']))}
 scope_attribute = {fetcher.get('scope_attribute', 'project_id')}
 """
-    with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as fh:
+    conf_path = os.path.join(os.path.dirname(os.path.abspath(path)), "cloudkitty.conf")
+    with open(conf_path, "w") as fh:
         fh.write(text)
-    CONF(["--config-file", fh.name], project="cloudkitty")
+    CONF(["--config-file", conf_path], project="cloudkitty")
 
 
 def point_dict(point) -> dict:
@@ -73,7 +76,7 @@ def point_dict(point) -> dict:
 def main(path: str) -> None:
     with open(path) as fh:
         spec = json.load(fh)
-    configure(spec)
+    configure(spec, path)
     rows = []
     keys = []
     if spec.get("metrics_yml"):
