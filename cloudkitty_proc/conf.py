@@ -18,8 +18,10 @@ from oslo_config import cfg, types
 
 from cloudkitty_proc import expressions
 from cloudkitty_proc.collectors import file as collector_file
+from cloudkitty_proc.collectors import gnocchi as collector_gnocchi
 from cloudkitty_proc.collectors import prometheus as collector_prometheus
 from cloudkitty_proc.fetchers import keystone as fetcher_keystone
+from cloudkitty_proc.fetchers import gnocchi as fetcher_gnocchi
 from cloudkitty_proc.fetchers import prometheus as fetcher_prometheus
 from cloudkitty_proc.fetchers import source as fetcher_source
 from cloudkitty_proc.rating import hashmap as rating_hashmap
@@ -385,8 +387,10 @@ PLUGIN_OPT_MODULES = (
     fetcher_source,
     fetcher_prometheus,
     fetcher_keystone,
+    fetcher_gnocchi,
     collector_prometheus,
     collector_file,
+    collector_gnocchi,
     storage_sql,
     storage_influx,
     storage_elasticsearch,

@@ -25,8 +25,8 @@ FAMILIES = {
 }
 # what setup.cfg ships: the check must not pass on an empty namespace
 SHIPPED = {
-    plugins.NS_COLLECTORS: {"prometheus", "file"},
-    plugins.NS_FETCHERS: {"source", "prometheus", "keystone"},
+    plugins.NS_COLLECTORS: {"prometheus", "file", "gnocchi"},
+    plugins.NS_FETCHERS: {"source", "prometheus", "keystone", "gnocchi"},
     plugins.NS_RATING: {"noop", "hashmap", "pyscripts"},
 }
 
