@@ -83,7 +83,7 @@ def common_opts() -> list[cfg.Opt]:
         cfg.StrOpt("region_name", default="RegionOne", help="Region Name."),
         cfg.IntOpt("http_pool_maxsize", default=10, min=1,
                    help="Keep-alive connections kept to Gnocchi (at least "
-                   "[orchestrator] max_greenthreads for the collector)."),
+                   "[orchestrator] max_threads for the collector)."),
         *_keystone_opts(),
     ]
 

@@ -159,7 +159,7 @@ class GnocchiCollector(BaseCollector):
         self._client = gnocchi_client.GnocchiClient(
             gnocchi_client.auth_from_conf(conf, GROUP), group=GROUP, green=self.green,
             timeout=group.timeout, cafile=group.cafile, insecure=group.insecure,
-            size=max(group.http_pool_maxsize, conf.orchestrator.max_greenthreads))
+            size=max(group.http_pool_maxsize, conf.orchestrator.max_threads))
         self.safe_url = self._client.safe_url
         # the groupby keys of each definition in Gnocchi's group order
         self._gkeys = {id(m): tuple(sorted(set(m.groupby))) for m in self.metrics}
