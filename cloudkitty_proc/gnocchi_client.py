@@ -20,10 +20,16 @@ Authentication (``gnocchi_auth_type``): ``basic`` sends CloudKitty's
 ``Authorization: basic base64(<gnocchi_user>:)`` (Gnocchi's ``basic``
 auth mode: the user name, no password) to ``gnocchi_endpoint``; ``noauth``
 (not in CloudKitty) sends no credentials, for a Gnocchi behind a proxy that
-authenticates; ``keystone`` (CloudKitty's default: a keystoneauth session
-from ``auth_section``, the endpoint from the catalog by ``interface`` and
-``region_name``) is plugged into :func:`auth_from_conf` by the Keystone
-work; until then it is refused with a one-line ConfigError.
+authenticates; ``keystone`` (CloudKitty's default, :func:`keystone_auth`):
+a keystoneauth1 session loaded from the group (``auth_section`` or the
+group's own ``auth_type``, ``auth_url``, credentials...:
+cloudkitty_proc/keystone_auth.py), each request carrying its token as
+``X-Auth-Token``, the token fetched again after a 401 from Gnocchi, Gnocchi's
+URL taken from the token's catalog (service type ``metric``, ``interface``,
+``region_name``) at the first request, or ``gnocchi_endpoint`` when set (an
+override CloudKitty does not have). Keystone's failures become GnocchiErrors
+(one line, credentials masked); green callers get the keystoneauth1 calls
+run through ``eventlet.tpool`` (KeystoneSession(green=True)).
 """
 
 from __future__ import annotations
@@ -68,16 +74,17 @@ def common_opts() -> list[cfg.Opt]:
             "gnocchi_auth_type",
             default="keystone",
             choices=AUTH_TYPES,
-            help="Gnocchi auth type: keystone (credentials through auth_section; "
-            "plugged in with the Keystone support), basic (gnocchi_user, no "
+            help="Gnocchi auth type: keystone (a Keystone token from the "
+            "credentials of auth_section, or of auth_type and its options in this "
+            "group; Gnocchi's URL from the catalog), basic (gnocchi_user, no "
             "password, to gnocchi_endpoint) or noauth (no credentials sent to "
             "gnocchi_endpoint; not in CloudKitty).",
         ),
         cfg.StrOpt("gnocchi_user", default="",
                    help="Gnocchi user (for basic auth only)."),
         cfg.StrOpt("gnocchi_endpoint", default="",
-                   help="Gnocchi endpoint, e.g. http://gnocchi:8041 (for basic and "
-                   "noauth)."),
+                   help="Gnocchi endpoint, e.g. http://gnocchi:8041 (required for "
+                   "basic and noauth; with keystone, overrides the catalog's)."),
         cfg.StrOpt("interface", default="internalURL",
                    help="Endpoint URL type (for keystone auth only)."),
         cfg.StrOpt("region_name", default="RegionOne", help="Region Name."),
@@ -94,27 +101,31 @@ def common_opts() -> list[cfg.Opt]:
 class GnocchiAuth:
     """Where Gnocchi is and how to authenticate to it.
 
-    ``endpoint``: the API's base URL (``/v1/...`` is appended);
-    ``headers()``: the headers of each request (called per request: a token
-    may be renewed); ``invalidate``: called after a 401, before the request
-    is sent once more (None: a 401 is an error at once)."""
+    ``endpoint``: the API's base URL (``/v1/...`` is appended), or "" when
+    ``resolve()`` finds it at the first request (a catalog lookup: no I/O
+    at start-up); ``headers()``: the headers of each request (called per
+    request: a token may be renewed); ``invalidate``: called after a 401,
+    before the request is sent once more (None: a 401 is an error at once);
+    ``resolve``, ``headers`` raise GnocchiError. ``label``: what to call
+    Gnocchi in messages while its URL is unknown; ``close``: releases the
+    auth's own connections."""
 
     endpoint: str
     headers: Callable[[], Mapping[str, str]] = dict
     invalidate: Callable[[], None] | None = None
+    resolve: Callable[[], str] | None = None
+    label: str = ""
+    close: Callable[[], None] | None = None
 
 
-def auth_from_conf(conf: cfg.ConfigOpts, group: str) -> GnocchiAuth:
+def auth_from_conf(conf: cfg.ConfigOpts, group: str, *, green: bool = False) -> GnocchiAuth:
     """The :class:`GnocchiAuth` of the options of ``[group]``. ConfigError
-    naming the option when they cannot work."""
+    naming the option when they cannot work. ``green``: the caller runs on
+    a GreenPool (keystone's blocking calls then go through tpool)."""
     opts = conf[group]
     kind = opts.gnocchi_auth_type
     if kind == "keystone":
-        # The seam for keystoneauth sessions: a GnocchiAuth whose endpoint
-        # comes from the catalog (interface, region_name) and whose headers()
-        # return a valid X-Auth-Token.
-        raise ConfigError(f"[{group}] gnocchi_auth_type = keystone is not supported yet: "
-                          "set it to basic (with gnocchi_user and gnocchi_endpoint) or noauth")
+        return keystone_auth(conf, group, green=green)
     endpoint = (opts.gnocchi_endpoint or "").strip()
     if not endpoint:
         raise ConfigError(f"[{group}] gnocchi_endpoint is not set (required with "
@@ -123,6 +134,50 @@ def auth_from_conf(conf: cfg.ConfigOpts, group: str) -> GnocchiAuth:
         header = {"Authorization": http.basic_auth(opts.gnocchi_user or "", "")}
         return GnocchiAuth(endpoint, lambda: header)
     return GnocchiAuth(endpoint)
+
+
+def keystone_auth(conf: cfg.ConfigOpts, group: str, *, green: bool) -> GnocchiAuth:
+    """``gnocchi_auth_type = keystone``: a keystoneauth1 session from the
+    group's options (ConfigError naming the group when they are incomplete;
+    no network I/O here), its token in ``X-Auth-Token``, Gnocchi's URL from
+    ``gnocchi_endpoint`` or else the catalog (service type ``metric``)."""
+    from keystoneauth1 import exceptions as ksa_exc
+
+    from cloudkitty_proc import keystone_auth as ks_auth
+
+    opts = conf[group]
+    ks = ks_auth.KeystoneSession(conf, group, green=green)
+    where = f"Keystone ({ks.where} auth_type = {ks.auth_type})"
+    interface, region = opts.interface, opts.region_name
+
+    def error(exc: Exception, doing: str) -> GnocchiError:
+        if isinstance(exc, ksa_exc.ConnectTimeout):
+            kind, retryable = "timeout", True
+        elif isinstance(exc, ksa_exc.ConnectionError):
+            kind, retryable = "connection", True
+        else:
+            status = getattr(exc, "http_status", None) or 0
+            kind, retryable = "http", status >= 500 or status in (408, 429)
+        return GnocchiError(f"{where}: {doing}: {ks.describe(exc)}", kind, retryable=retryable)
+
+    def headers() -> Mapping[str, str]:
+        try:
+            return ks.auth_headers()
+        except ksa_exc.ClientException as exc:
+            raise error(exc, "no token") from None
+
+    def resolve() -> str:
+        try:
+            return ks.endpoint(service_type="metric", interface=interface, region_name=region)
+        except ksa_exc.ClientException as exc:
+            raise error(exc, f"no Gnocchi (metric) endpoint of interface {interface} in "
+                        f"region {region}") from None
+
+    endpoint = (opts.gnocchi_endpoint or "").strip()
+    return GnocchiAuth(endpoint, headers, ks.invalidate,
+                       resolve=None if endpoint else resolve,
+                       label=f"Gnocchi (the {interface} metric endpoint of region {region} "
+                       "in the Keystone catalog)", close=ks.close)
 
 
 # -- requests ------------------------------------------------------------------
@@ -151,21 +206,52 @@ class GnocchiClient:
                  size: int, cafile: str | None, insecure: bool) -> None:
         self.auth = auth
         self.timeout = timeout or DEFAULT_TIMEOUT
-        self._http = http.Transport(auth.endpoint, option=f"[{group}] gnocchi_endpoint",
-                                    green=green, timeout=self.timeout, size=size,
+        self._group = group
+        self._transport_args = dict(green=green, timeout=self.timeout, size=size,
                                     cafile=cafile, insecure=insecure,
                                     headers={"Content-Type": "application/json"})
-        self.safe_url = self._http.safe_url
+        self._http: http.Transport | None = None
+        if auth.endpoint or auth.resolve is None:
+            self._http = self._transport(auth.endpoint, f"[{group}] gnocchi_endpoint")
+
+    def _transport(self, url: str, option: str) -> http.Transport:
+        return http.Transport(url, option=option, **self._transport_args)
+
+    @property
+    def safe_url(self) -> str:
+        """Gnocchi's URL without credentials (for messages)."""
+        return self._http.safe_url if self._http is not None else self.auth.label or "Gnocchi"
+
+    def transport(self) -> http.Transport:
+        """The transport to Gnocchi, built at the first call when the URL
+        comes from ``auth.resolve`` (GnocchiError if it cannot be found)."""
+        if self._http is None:
+            url = self.auth.resolve()
+            try:
+                transport = self._transport(url, f"[{self._group}] the catalog's Gnocchi "
+                                            "endpoint")
+            except ValueError as exc:
+                raise GnocchiError(str(exc), "http", retryable=False) from None
+            if self._http is None:   # another green thread may have been first
+                self._http = transport
+                LOG.info("[%s] Gnocchi at %s (from the Keystone catalog)", self._group,
+                         transport.safe_url)
+            else:
+                transport.close()
+        return self._http
 
     def close(self) -> None:
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
+        if self.auth.close is not None:
+            self.auth.close()
 
     def target(self, path: str, params: Mapping[str, Any] | None) -> str:
         """The request target of ``path`` and ``params`` (lists repeat the
         key; encoded as gnocchiclient does)."""
         query = urllib.parse.urlencode(params, doseq=True, quote_via=urllib.parse.quote) \
             if params else None
-        return self._http.target(path, query)
+        return self.transport().target(path, query)
 
     def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
                 body: Any = None, *, hooks: tuple[Callable[[], None], Callable[[], None]]
@@ -173,7 +259,7 @@ class GnocchiClient:
         """``method path`` with a JSON ``body``; (decoded JSON reply, reply
         headers). Raises GnocchiError. ``hooks``: (begin, done) called around
         each exchange (the collect executor's io hooks)."""
-        target = self.target(path, params)
+        target = self.target(path, params)   # the URL first: ``where`` names it
         where = f"{method} {self.safe_url}{path}"
         data = orjson.dumps(body) if body is not None else None
         for attempt in (1, 2):
@@ -203,8 +289,8 @@ class GnocchiClient:
         try:
             # a POST to /v1/aggregates or /v1/search is a read: safe to send
             # again on a fresh connection when a kept-alive one was closed
-            return self._http.request(method, target=target, body=data,
-                                      headers=self.auth.headers(), idempotent=True)
+            return self.transport().request(method, target=target, body=data,
+                                            headers=self.auth.headers(), idempotent=True)
         except http.TooManyRedirects as exc:
             raise GnocchiError(f"{where}: {exc.message}", exc.kind, retryable=False) from None
         except http.TransportError as exc:

@@ -389,6 +389,83 @@ def running_gnocchi(workdir: str | os.PathLike, *, metricd: bool = True,
         drop()
 
 
+def _paste_ini(venv: Path) -> Path:
+    [path] = venv.glob("lib/python3*/site-packages/gnocchi/rest/api-paste.ini")
+    return path
+
+
+@contextlib.contextmanager
+def keystone_api(server: GnocchiServer, keystone: Any, *, user: str = "admin",
+                 password: str | None = None, project: str = "admin") -> Iterator[str]:
+    """A second Gnocchi API on ``server``'s indexer and storage with ``[api]
+    auth_mode = keystone``: Gnocchi's own keystonemiddleware (auth_token)
+    checks each request's X-Auth-Token against ``keystone``
+    (tests/keystone_server.py), as the service ``user`` (the admin by
+    default) of ``project``. ``server``'s own API stays in basic mode for
+    the test helpers. Yields the API's URL; stops it at the end.
+
+    keystonemiddleware reads its ``[keystone_authtoken]`` from the file the
+    paste pipeline names (``oslo_config_file``, a copy of Gnocchi's
+    api-paste.ini with it added), not from Gnocchi's configuration object."""
+    if password is None:
+        from tests.keystone_server import ADMIN_PASSWORD
+        password = ADMIN_PASSWORD
+    overlay = server.workdir / "gnocchi-keystone.conf"
+    paste = server.workdir / "api-paste-keystone.ini"
+    paste.write_text(_paste_ini(server.venv).read_text().replace(
+        "oslo_config_project = gnocchi\n\n[app:healthcheck]",
+        f"oslo_config_project = gnocchi\noslo_config_file = {overlay}\n\n[app:healthcheck]", 1))
+    if f"oslo_config_file = {overlay}" not in paste.read_text():
+        raise RuntimeError(f"{paste}: Gnocchi's api-paste.ini changed: cannot point "
+                           "keystonemiddleware at its configuration")
+    overlay.write_text(f"""[api]
+auth_mode = keystone
+paste_config = {paste}
+[keystone_authtoken]
+www_authenticate_uri = {keystone.auth_url}
+auth_url = {keystone.auth_url}
+auth_type = password
+username = {user}
+password = {password}
+user_domain_id = default
+project_name = {project}
+project_domain_id = default
+# every request's token checked with Keystone (no cache): a revoked token is
+# refused at once, as the re-authentication test needs
+token_cache_time = -1
+""")
+    port = _free_port()
+    api = GnocchiServer(url=f"http://{HOST}:{port}", venv=server.venv, workdir=server.workdir,
+                        conf_path=server.conf_path, indexer_url=server.indexer_url)
+    log_path = server.workdir / "api-keystone.log"
+    api.api = _start([str(venv_tool.bin_path("python", server.venv)), str(API_SERVER),
+                      str(port), "--config-file", str(server.conf_path), "--config-file",
+                      str(overlay)], log_path, server.workdir)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:   # without a token: 401 once keystonemiddleware answers
+            if api.api.poll() is not None:
+                raise RuntimeError(f"the keystone-mode Gnocchi API exited with "
+                                   f"{api.api.returncode}:\n{_tail(log_path)}")
+            try:
+                urllib.request.urlopen(api.url + "/v1/resource_type", timeout=5).close()
+                raise RuntimeError(f"the keystone-mode Gnocchi API at {api.url} answers "
+                                   "without a token")
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401:
+                    break
+                last = f"HTTP {exc.code}"
+            except OSError as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the keystone-mode Gnocchi API did not answer ({last}):"
+                                   f"\n{_tail(log_path)}")
+            time.sleep(0.2)
+        yield api.url
+    finally:
+        _stop(api.api)
+
+
 # -- CloudKitty's own Gnocchi plugins, the reference ------------------------------
 
 CK_DRIVER = ROOT / "tools" / "ck_gnocchi_driver.py"

@@ -389,6 +389,20 @@ class KeystoneServer:
         else:
             self.request("PUT", f"/domains/{domain_id}/users/{user_id}/roles/{role_id}")
 
+    def register_endpoints(self, service_type: str, url: str, *,
+                           interfaces: tuple[str, ...] = ("public", "internal", "admin"),
+                           region: str = "RegionOne") -> str:
+        """A catalog service of ``service_type`` (e.g. ``metric``) with
+        ``url`` as its endpoint of each interface; its id."""
+        reply, _ = self.request("POST", "/services", {"service": {
+            "type": service_type, "name": f"{service_type}-{uuid.uuid4().hex[:6]}"}})
+        service = reply["service"]["id"]
+        for interface in interfaces:
+            self.request("POST", "/endpoints", {"endpoint": {
+                "service_id": service, "interface": interface, "url": url,
+                "region_id": region}})
+        return service
+
     def create_application_credential(self, user_id: str, password: str, project_id: str,
                                       name: str | None = None) -> tuple[str, str]:
         """(id, secret) of a new application credential of ``user_id`` on

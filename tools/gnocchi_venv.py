@@ -38,11 +38,16 @@ def _load_sibling(name: str):
 _ck = _load_sibling("cloudkitty_venv")
 
 GNOCCHI_VERSION = "4.7.1"
-VENV_NAME = f"venv-gnocchi-{GNOCCHI_VERSION}"
+#: "-keystone": the venv holds keystonemiddleware (``[api] auth_mode =
+#: keystone``); a new name rather than a rebuild of the former venv, which
+#: worktrees without it would otherwise rebuild back and forth
+VENV_NAME = f"venv-gnocchi-{GNOCCHI_VERSION}-keystone"
 
 #: Gnocchi with its PostgreSQL indexer and file storage drivers
-#: (CLOUDKITTY-DROPIN.md §5.3); nothing else: the tests talk HTTP to it.
-REQUIREMENTS = (f"gnocchi[postgresql,file]=={GNOCCHI_VERSION}",)
+#: (CLOUDKITTY-DROPIN.md §5.3) and keystonemiddleware (its ``keystone``
+#: extra: ``[api] auth_mode = keystone`` against the test Keystone); nothing
+#: else: the tests talk HTTP to it.
+REQUIREMENTS = (f"gnocchi[postgresql,file,keystone]=={GNOCCHI_VERSION}",)
 
 #: Executables a usable venv has (checked besides the marker).
 EXECUTABLES = ("python", "gnocchi-upgrade", "gnocchi-metricd")

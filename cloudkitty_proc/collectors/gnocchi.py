@@ -47,6 +47,12 @@ Errors and retries are the Prometheus collector's: timeouts (kind
 ``max_backoff`` seconds, then fail the period (CollectError naming the URL,
 the metric and the scope); other 4xx fail at once. Green I/O with the
 GreenPool executor, plain with real threads.
+
+Authentication (``gnocchi_auth_type``: keystone, basic, noauth) and the
+endpoint: cloudkitty_proc/gnocchi_client.py. With keystone, Keystone's
+calls (a token, the catalog) run through ``eventlet.tpool`` under the
+GreenPool; a Keystone that cannot be reached fails the period as Gnocchi
+would (kind ``connection``, retried).
 """
 
 from __future__ import annotations
@@ -157,12 +163,18 @@ class GnocchiCollector(BaseCollector):
         self.green = conf.orchestrator.collect_executor != "threads"
         self._sleep = http.sleeper(self.green)
         self._client = gnocchi_client.GnocchiClient(
-            gnocchi_client.auth_from_conf(conf, GROUP), group=GROUP, green=self.green,
-            timeout=group.timeout, cafile=group.cafile, insecure=group.insecure,
+            gnocchi_client.auth_from_conf(conf, GROUP, green=self.green), group=GROUP,
+            green=self.green, timeout=group.timeout, cafile=group.cafile,
+            insecure=group.insecure,
             size=max(group.http_pool_maxsize, conf.orchestrator.max_threads))
-        self.safe_url = self._client.safe_url
         # the groupby keys of each definition in Gnocchi's group order
         self._gkeys = {id(m): tuple(sorted(set(m.groupby))) for m in self.metrics}
+
+    @property
+    def safe_url(self) -> str:
+        """Gnocchi's URL for messages (known after the first request when it
+        comes from the Keystone catalog)."""
+        return self._client.safe_url
 
     # -- public API ---------------------------------------------------------
 

@@ -97,9 +97,40 @@ def test_auth_modes(tmp_path):
     conf.set_override("gnocchi_endpoint", " ", "collector_gnocchi")
     with pytest.raises(ConfigError, match=r"\[collector_gnocchi\] gnocchi_endpoint is not set"):
         gnocchi_client.auth_from_conf(conf, "collector_gnocchi")
+    # keystone without credentials in the group: one line naming it
     conf.set_override("gnocchi_auth_type", "keystone", "fetcher_gnocchi")
-    with pytest.raises(ConfigError, match=r"\[fetcher_gnocchi\] gnocchi_auth_type = keystone"):
+    with pytest.raises(ConfigError, match=r"^\[fetcher_gnocchi\] auth_type is not set"):
         GnocchiFetcher(conf)
+
+
+def test_keystone_auth_is_built_without_network_io(tmp_path):
+    """gnocchi_auth_type = keystone: the session from auth_section, no
+    request at start-up (the endpoint is looked up at the first request
+    unless gnocchi_endpoint overrides it), a missing option named."""
+    conf = load_conf(tmp_path, CLOUDKITTY_SECTIONS.replace(
+        "gnocchi_auth_type = basic", "gnocchi_auth_type = keystone"))
+    with pytest.raises(ConfigError, match=r"\[ks_auth\] auth_type = password: missing "
+                       r"auth_url") as err:
+        gnocchi_client.auth_from_conf(conf, "collector_gnocchi")
+    assert "secret" not in str(err.value)
+    conf.set_override("auth_url", "http://127.0.0.1:9/v3", "ks_auth")
+    conf.set_override("username", "ck", "ks_auth")
+    auth = gnocchi_client.auth_from_conf(conf, "collector_gnocchi")
+    assert auth.endpoint == "http://gnocchi.example:8041" and auth.resolve is None
+    assert auth.invalidate is not None
+    conf.set_override("gnocchi_endpoint", "", "collector_gnocchi")
+    auth = gnocchi_client.auth_from_conf(conf, "collector_gnocchi")
+    assert auth.endpoint == "" and auth.resolve is not None
+    client = gnocchi_client.GnocchiClient(auth, group="collector_gnocchi", green=False,
+                                          timeout=2, size=1, cafile=None, insecure=False)
+    assert "internalURL metric endpoint of region RegionTwo" in client.safe_url
+    # nothing listens on port 9: the first request fails as a connection error
+    with pytest.raises(GnocchiError) as exc:
+        client.request("GET", "/v1/resource_type")
+    assert exc.value.kind == "connection" and exc.value.retryable
+    assert "[collector_gnocchi] auth_section = ks_auth" in exc.value.message
+    assert "secret" not in exc.value.message
+    client.close()
 
 
 def test_the_collector_refuses_a_bad_endpoint(tmp_path):

@@ -33,8 +33,8 @@ def tool(tmp_path, monkeypatch):
 
 
 def test_the_venv_lives_beside_cloudkittys(tool, tmp_path):
-    assert tool.venv_path() == tmp_path / "cache" / "venv-gnocchi-4.7.1"
-    assert tool.REQUIREMENTS == ("gnocchi[postgresql,file]==4.7.1",)
+    assert tool.venv_path() == tmp_path / "cache" / "venv-gnocchi-4.7.1-keystone"
+    assert tool.REQUIREMENTS == ("gnocchi[postgresql,file,keystone]==4.7.1",)
 
 
 def test_built_once_then_reused_and_rebuilt_when_broken(tool, monkeypatch):
