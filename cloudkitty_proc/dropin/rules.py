@@ -293,11 +293,16 @@ def quote(conf: cfg.ConfigOpts, res_data: Any, *, chain: CloudKittyRatingChain |
                         conf.collect.period)
     if chain is not None:
         return chain.process(frame).total_price()
+    # one chain per configuration and database: a reload (or a test) may
+    # point the same ConfigOpts at another database
+    key = (id(conf), str(conf.database.connection))
     with _quote_lock:
         cached = _quote_chain.get("chain")
-        if cached is None or _quote_chain.get("conf") is not conf:
+        if cached is None or _quote_chain.get("key") != key:
+            if cached is not None:
+                cached.close()
             cached = CloudKittyRatingChain(conf)
-            _quote_chain.update(chain=cached, conf=conf)
+            _quote_chain.update(chain=cached, key=key)
         return cached.process(frame).total_price()
 
 

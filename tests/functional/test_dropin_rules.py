@@ -411,6 +411,28 @@ def test_quote_as_cloudkitty(db, chain_of, monkeypatch):
             quote(conf, bad, chain=chain_of())
 
 
+def test_the_quote_chain_follows_the_database(tmp_path, monkeypatch):
+    """The per-process quote chain is kept per configuration AND database:
+    the same ConfigOpts pointed at another database (a reload, another
+    test) quotes with that database's rules."""
+    res_data = {"usage": {"instance": [{"vol": {"qty": "1", "unit": "undef"}}]}}
+    monkeypatch.setattr(dropin_rules, "_quote_chain", {})
+    conf = None
+    for name, cost in (("one", "1"), ("two", "7")):
+        url = f"sqlite:///{tmp_path}/{name}.sqlite"
+        rules_db = RulesDB(url)
+        try:
+            rules_db.module("hashmap", True)
+            rules_db.mapping(cost, service=rules_db.service("instance"))
+            if conf is None:
+                conf = make_conf(url)
+            conf.set_override("connection", url, group="database")
+            assert quote(conf, res_data) == D(cost)
+        finally:
+            rules_db.close()
+    dropin_rules._quote_chain["chain"].close()
+
+
 def test_native_mode_is_unchanged(tmp_path):
     conf = make_conf(f"sqlite:///{tmp_path}/x.sqlite")
     conf.set_override("mode", "native", group="cloudkitty_proc")
