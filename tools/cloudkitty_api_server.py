@@ -15,40 +15,15 @@ calls read even with ``auth_strategy = noauth``
 fail with ``no such option keystone_authtoken``.
 """
 
-import signal
-import sys
-import threading
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgi_serve import serve, take_port  # tools/, the script's directory
 
-import keystonemiddleware.auth_token  # noqa: F401  (registers [keystone_authtoken])
-from cloudkitty.api import app
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Handler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
-        sys.stderr.write("access: %s\n" % (format % args))
+import keystonemiddleware.auth_token  # noqa: F401,E402  (registers [keystone_authtoken])
+from cloudkitty.api import app  # noqa: E402
 
 
 def main():
-    port = int(sys.argv[1])
-    sys.argv = [sys.argv[0]] + sys.argv[2:]
-    application = app.build_wsgi_app()
-    httpd = make_server("127.0.0.1", port, application,
-                        server_class=_Server, handler_class=_Handler)
-
-    def stop(_signum, _frame):
-        threading.Thread(target=httpd.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    sys.stderr.write("serving on http://127.0.0.1:%d\n" % port)
-    sys.stderr.flush()
-    httpd.serve_forever()
-    httpd.server_close()
+    port = take_port()
+    serve(port, app.build_wsgi_app())
 
 
 if __name__ == "__main__":

@@ -72,24 +72,6 @@ def bin_path(name: str, venv: Path | None = None) -> Path:
     return (venv or venv_path()) / "bin" / name
 
 
-def marker_text() -> str:
-    """What the marker of an up-to-date venv holds."""
-    python = ".".join(map(str, sys.version_info[:3]))
-    return f"# python {python}\n" + "".join(r + "\n" for r in REQUIREMENTS)
-
-
-def is_current(venv: Path | None = None) -> bool:
-    """True if the venv exists, was built with today's requirement list and
-    has every executable the stack runs."""
-    venv = venv or venv_path()
-    try:
-        if (venv / MARKER).read_text() != marker_text():
-            return False
-    except OSError:
-        return False
-    return all(bin_path(n, venv).exists() for n in EXECUTABLES)
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,16 +90,87 @@ def _run(cmd: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
-def build(venv: Path) -> None:
-    """(Re)create the venv at ``venv`` and install REQUIREMENTS into it."""
+def marker_for(requirements: tuple[str, ...]) -> str:
+    """What the marker of a venv up to date with ``requirements`` holds."""
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"# python {python}\n" + "".join(r + "\n" for r in requirements)
+
+
+def venv_is_current(venv: Path, requirements: tuple[str, ...],
+                    executables: tuple[str, ...]) -> bool:
+    """True if ``venv`` exists, was built with ``requirements`` and has
+    every one of ``executables`` in bin/ (the shared test of the venv tools:
+    this one, tools/gnocchi_venv.py, tools/keystone_venv.py)."""
+    try:
+        if (venv / MARKER).read_text() != marker_for(requirements):
+            return False
+    except OSError:
+        return False
+    return all(bin_path(n, venv).exists() for n in executables)
+
+
+def build_venv(venv: Path, requirements: tuple[str, ...],
+               executables: tuple[str, ...]) -> None:
+    """(Re)create ``venv`` and install ``requirements``; the marker last."""
     (venv / MARKER).unlink(missing_ok=True)
     _run([sys.executable, "-m", "venv", "--clear", str(venv)], "python -m venv")
     _run([str(bin_path("python", venv)), "-m", "pip", "install", "-q",
-          "--disable-pip-version-check", *REQUIREMENTS], "pip install")
-    missing = [n for n in EXECUTABLES if not bin_path(n, venv).exists()]
+          "--disable-pip-version-check", *requirements], "pip install")
+    missing = [n for n in executables if not bin_path(n, venv).exists()]
     if missing:
         raise RuntimeError(f"{venv}: pip install left no {', '.join(missing)} in bin/")
-    (venv / MARKER).write_text(marker_text())
+    (venv / MARKER).write_text(marker_for(requirements))
+
+
+def ensure(venv: Path, label: str, is_current_fn: Callable[[Path], bool],
+           build_fn: Callable[[Path], None], rebuild: bool,
+           log: Callable[[str], None] | None) -> Path:
+    """Build ``venv`` (``build_fn``) unless ``is_current_fn`` says it is up to
+    date, under a lock file beside it; ``log`` gets one line: reused or
+    built, and how long that took."""
+    started = time.monotonic()
+    with _locked(venv.parent / (venv.name + ".lock")):
+        if not rebuild and is_current_fn(venv):
+            action = "reused"
+        else:
+            build_fn(venv)
+            action = "built"
+    if log:
+        log(f"{label} venv {action}: {venv} ({time.monotonic() - started:.1f} s)")
+    return venv
+
+
+def run_main(argv: list[str] | None, doc: str, label: str,
+             ensure_fn: Callable[..., Path]) -> int:
+    """The command line of a venv tool: ``[--rebuild]``; 1 on failure."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rebuild", action="store_true",
+                        help="rebuild even if the venv is up to date")
+    args = parser.parse_args(argv)
+    try:
+        ensure_fn(rebuild=args.rebuild)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        print(f"{label} venv: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- this venv ------------------------------------------------------------------
+
+def marker_text() -> str:
+    """What the marker of an up-to-date venv holds."""
+    return marker_for(REQUIREMENTS)
+
+
+def is_current(venv: Path | None = None) -> bool:
+    """True if the venv exists, was built with today's requirement list and
+    has every executable the stack runs."""
+    return venv_is_current(venv or venv_path(), REQUIREMENTS, EXECUTABLES)
+
+
+def build(venv: Path) -> None:
+    """(Re)create the venv at ``venv`` and install REQUIREMENTS into it."""
+    build_venv(venv, REQUIREMENTS, EXECUTABLES)
 
 
 def ensure_venv(rebuild: bool = False,
@@ -127,30 +180,12 @@ def ensure_venv(rebuild: bool = False,
     ``log`` receives one line saying whether it was reused or built, and
     how long that took (None: silent).
     """
-    venv = venv_path()
-    started = time.monotonic()
-    with _locked(venv.parent / (VENV_NAME + ".lock")):
-        if not rebuild and is_current(venv):
-            action = "reused"
-        else:
-            build(venv)
-            action = "built"
-    if log:
-        log(f"cloudkitty venv {action}: {venv} ({time.monotonic() - started:.1f} s)")
-    return venv
+    return ensure(venv_path(), "cloudkitty", lambda v: is_current(v), lambda v: build(v),
+                  rebuild, log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rebuild", action="store_true",
-                        help="rebuild even if the venv is up to date")
-    args = parser.parse_args(argv)
-    try:
-        ensure_venv(rebuild=args.rebuild)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        print(f"cloudkitty venv: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(argv, __doc__, "cloudkitty", ensure_venv)
 
 
 if __name__ == "__main__":

@@ -9,40 +9,14 @@ installed; its WSGI app is ``gnocchi.cli.api.wsgi()`` (what
 server), enough for the tests (tests/gnocchi_server.py). SIGTERM stops it.
 """
 
-import signal
-import sys
-import threading
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    request_queue_size = 64
-
-
-class _Handler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
-        sys.stderr.write("access: %s\n" % (format % args))
+from wsgi_serve import serve, take_port  # tools/, the script's directory
 
 
 def main():
-    port = int(sys.argv[1])
-    sys.argv = [sys.argv[0]] + sys.argv[2:]
+    port = take_port()
     from gnocchi.cli import api
 
-    application = api.wsgi()
-    httpd = make_server("127.0.0.1", port, application,
-                        server_class=_Server, handler_class=_Handler)
-
-    def stop(_signum, _frame):
-        threading.Thread(target=httpd.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    sys.stderr.write("serving on http://127.0.0.1:%d\n" % port)
-    sys.stderr.flush()
-    httpd.serve_forever()
-    httpd.server_close()
+    serve(port, api.wsgi())
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ the venv and prints its path and how long it took. As a module:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,65 +62,31 @@ def bin_path(name: str, venv: Path | None = None) -> Path:
 
 
 def marker_text() -> str:
-    python = ".".join(map(str, sys.version_info[:3]))
-    return f"# python {python}\n" + "".join(r + "\n" for r in REQUIREMENTS)
+    """What the marker of an up-to-date venv holds."""
+    return _ck.marker_for(REQUIREMENTS)
 
 
 def is_current(venv: Path | None = None) -> bool:
     """True if the venv exists, was built with today's requirement list and
     has every executable the tests run."""
-    venv = venv or venv_path()
-    try:
-        if (venv / MARKER).read_text() != marker_text():
-            return False
-    except OSError:
-        return False
-    return all(bin_path(n, venv).exists() for n in EXECUTABLES)
+    return _ck.venv_is_current(venv or venv_path(), REQUIREMENTS, EXECUTABLES)
 
 
 def build(venv: Path) -> None:
     """(Re)create the venv at ``venv`` and install REQUIREMENTS into it."""
-    (venv / MARKER).unlink(missing_ok=True)
-    _ck._run([sys.executable, "-m", "venv", "--clear", str(venv)], "python -m venv")
-    _ck._run([str(bin_path("python", venv)), "-m", "pip", "install", "-q",
-              "--disable-pip-version-check", *REQUIREMENTS], "pip install")
-    missing = [n for n in EXECUTABLES if not bin_path(n, venv).exists()]
-    if missing:
-        raise RuntimeError(f"{venv}: pip install left no {', '.join(missing)} in bin/")
-    (venv / MARKER).write_text(marker_text())
+    _ck.build_venv(venv, REQUIREMENTS, EXECUTABLES)
 
 
 def ensure_venv(rebuild: bool = False,
                 log: Callable[[str], None] | None = print) -> Path:
-    """Build the venv unless an up-to-date one exists; return its path.
-
-    ``log`` receives one line saying whether it was reused or built, and
-    how long that took (None: silent).
-    """
-    venv = venv_path()
-    started = time.monotonic()
-    with _ck._locked(venv.parent / (VENV_NAME + ".lock")):
-        if not rebuild and is_current(venv):
-            action = "reused"
-        else:
-            build(venv)
-            action = "built"
-    if log:
-        log(f"gnocchi venv {action}: {venv} ({time.monotonic() - started:.1f} s)")
-    return venv
+    """Build the venv unless an up-to-date one exists; return its path
+    (``log``: one line, reused or built, and how long it took)."""
+    return _ck.ensure(venv_path(), "gnocchi", lambda v: is_current(v), lambda v: build(v),
+                      rebuild, log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rebuild", action="store_true",
-                        help="rebuild even if the venv is up to date")
-    args = parser.parse_args(argv)
-    try:
-        ensure_venv(rebuild=args.rebuild)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        print(f"gnocchi venv: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _ck.run_main(argv, __doc__, "gnocchi", ensure_venv)
 
 
 if __name__ == "__main__":
