@@ -212,29 +212,16 @@ class CloudKittyStates:
             scope_rows.set_last(connection, self.ck_identity, scope_id, last, now)
 
     # -- the period of the stored data ---------------------------------------
-    def _set_rating_period(self, period: int, expected: int | None) -> None:
-        """SQLStorage's, with CloudKitty's rows moved too (every scope's next
-        period starts where it did)."""
-        row = _setting_t.c.name == "period"
-        with self.engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE
-            current = connection.execute(
-                sa.select(_setting_t.c.value).where(row).with_for_update()).scalar()
-            current = None if current is None else int(current)
-            if current != expected:
-                raise StaleStateError(f"the recorded period is {current} s, not {expected}")
-            now = db_now()
-            values = {"value": str(int(period)), "updated_at": now}
-            if current is None:
-                connection.execute(_setting_t.insert().values(name="period", **values))
-                return
-            connection.execute(_setting_t.update().where(row).values(**values))
-            shift = datetime.timedelta(seconds=current - period)
-            states = connection.execute(
-                sa.select(_state_t.c.scope_id, _state_t.c.last_processed)
-                .with_for_update()).all()
-            for scope_id, last in states:  # every version: a worker of the old period is fenced
-                connection.execute(
-                    _state_t.update().where(_state_t.c.scope_id == scope_id)
-                    .values(last_processed=None if last is None else last + shift,
-                            version=_state_t.c.version + 1, updated_at=now))
-            scope_rows.shift_all(connection, self.ck_identity, shift)
+    def _shift_states(self, connection: sa.Connection, shift: datetime.timedelta,
+                      now: datetime.datetime) -> None:
+        """SQLStorage.set_rating_period's shift, with CloudKitty's rows moved
+        too (every scope's next period starts where it did)."""
+        states = connection.execute(
+            sa.select(_state_t.c.scope_id, _state_t.c.last_processed)
+            .with_for_update()).all()
+        for scope_id, last in states:  # every version: a worker of the old period is fenced
+            connection.execute(
+                _state_t.update().where(_state_t.c.scope_id == scope_id)
+                .values(last_processed=None if last is None else last + shift,
+                        version=_state_t.c.version + 1, updated_at=now))
+        scope_rows.shift_all(connection, self.ck_identity, shift)

@@ -70,6 +70,7 @@ from cloudkitty_proc.storage.base import (ACTIVE_TASK_STATES, TASK_DONE, TASK_FA
                                           TASK_PENDING, TASK_RUNNING, ReprocessTask)
 from cloudkitty_proc.storage.sql_read import IN_CHUNK
 from cloudkitty_proc.storage.sql_rows import db_now, naive
+from cloudkitty_proc.storage.sql_tasks import decide_request
 
 __all__ = ["CloudKittyTasks", "task_from_rows"]
 
@@ -198,35 +199,14 @@ class CloudKittyTasks:
                 skipped += 1
                 continue
             problems.extend(uncovered)
-            same = [t for t in tasks[scope] if t.request_key == keys[scope]]
-            if same:
-                task = same[0]
-                if (task.begin, task.end) != (begin, end):
-                    problems.append(
-                        f"scope {scope}: request id {keys[scope]!r} was already used by "
-                        f"task {task.id} for another window [{utils.isoformat(task.begin)}, "
-                        f"{utils.isoformat(task.end)})")
-                    continue
-                if task.state != TASK_FAILED:
-                    ids[scope] = task.id  # the same request again: nothing new
-                    continue
-            overlapping = [t for t in tasks[scope]
-                           if t.active and t.begin < end and begin < t.end]
-            if len(overlapping) == 1 and (overlapping[0].begin, overlapping[0].end) == (
-                    begin, end):
-                ids[scope] = overlapping[0].id  # the same window: merged
-                continue
-            for t in overlapping:
-                problems.append(
-                    f"scope {scope}: the window overlaps task {t.id} "
-                    f"[{utils.isoformat(t.begin)}, {utils.isoformat(t.end)}) ({t.state}, "
-                    f"{t.done_periods}/{t.total_periods} periods, reason {t.reason!r}): wait "
-                    "until it is done, or send exactly its window to join it")
-            if overlapping:
-                continue
-            if same:  # the same request after its task failed: restart it
-                restart.append(same[0])
-                ids[scope] = same[0].id
+            action, value = decide_request(scope, tasks[scope], keys[scope], begin, end)
+            if action == "refused":
+                problems.extend(value)
+            elif action == "existing":
+                ids[scope] = value
+            elif action == "restart":
+                restart.append(value)
+                ids[scope] = value.id
             else:
                 new.append(scope)
         if skip_uncovered and skipped == len(scopes):

@@ -345,15 +345,21 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
                 connection.execute(_setting_t.insert().values(name="period", **values))
                 return
             connection.execute(_setting_t.update().where(row).values(**values))
-            shift = datetime.timedelta(seconds=current - period)
-            states = connection.execute(
-                sa.select(_state_t.c.scope_id, _state_t.c.last_processed)
-                .where(_state_t.c.last_processed.is_not(None)).with_for_update()).all()
-            for scope_id, last in states:  # same next period, new length
-                connection.execute(
-                    _state_t.update().where(_state_t.c.scope_id == scope_id)
-                    .values(last_processed=last + shift,
-                            version=_state_t.c.version + 1, updated_at=now))
+            self._shift_states(connection, datetime.timedelta(seconds=current - period), now)
+
+    def _shift_states(self, connection: sa.Connection, shift: datetime.timedelta,
+                      now: datetime.datetime) -> None:
+        """In ``set_rating_period``'s transaction: every scope's
+        last_processed moved by ``shift`` (its next period starts where it
+        did, with the new length), its version bumped."""
+        states = connection.execute(
+            sa.select(_state_t.c.scope_id, _state_t.c.last_processed)
+            .where(_state_t.c.last_processed.is_not(None)).with_for_update()).all()
+        for scope_id, last in states:
+            connection.execute(
+                _state_t.update().where(_state_t.c.scope_id == scope_id)
+                .values(last_processed=last + shift,
+                        version=_state_t.c.version + 1, updated_at=now))
 
     def record_error(self, scope_id: str, message: str, kind: str = "error") -> None:
         now = db_now()

@@ -148,36 +148,14 @@ class SQLReprocessTasks:
                 skipped.append(scope)
                 continue
             problems.extend(uncovered)
-            same = [t for t in tasks[scope] if t.request_key == keys[scope]]
-            failed = None
-            if same:
-                task = same[0]
-                if (task.begin, task.end) != (b, e):
-                    problems.append(
-                        f"scope {scope}: request id {keys[scope]!r} was already used by "
-                        f"task {task.id} for another window [{iso(task.begin)}, "
-                        f"{iso(task.end)})")
-                    continue
-                if task.state != TASK_FAILED:
-                    ids[scope] = task.id  # the same request again: nothing new
-                    continue
-                failed = task  # the same request after its task failed: restart it
-            overlapping = [t for t in tasks[scope]
-                           if t.state in ACTIVE_TASK_STATES and t.begin < e and b < t.end]
-            if len(overlapping) == 1 and (overlapping[0].begin, overlapping[0].end) == (b, e):
-                ids[scope] = overlapping[0].id  # the same window: merged
-                continue
-            for t in overlapping:
-                problems.append(
-                    f"scope {scope}: the window overlaps task {t.id} [{iso(t.begin)}, "
-                    f"{iso(t.end)}) ({t.state}, {t.done_periods}/{t.total_periods} periods, "
-                    f"reason {t.reason!r}): wait until it is done, or send exactly its "
-                    "window to join it")
-            if overlapping:
-                continue
-            if failed is not None:
-                restart.append(failed.id)
-                ids[scope] = failed.id
+            action, value = decide_request(scope, tasks[scope], keys[scope], b, e)
+            if action == "refused":
+                problems.extend(value)
+            elif action == "existing":
+                ids[scope] = value
+            elif action == "restart":
+                restart.append(value.id)
+                ids[scope] = value.id
             else:
                 new_rows.append(scope)
         if skip_uncovered and len(skipped) == len(scopes):
@@ -305,3 +283,39 @@ class SQLReprocessTasks:
                     last_error=f"window cut at {utils.isoformat(utils.from_db(to))} by "
                     "reset-state (those periods are rated again by normal processing)"))
 
+
+def decide_request(scope: str, tasks: Sequence[Any], key: str, begin: datetime.datetime,
+                   end: datetime.datetime) -> tuple[str, Any]:
+    """How a reprocess request of ``scope`` for [begin, end) with request
+    key ``key`` meets the scope's ``tasks`` (its active ones and the one
+    with that key: objects with id, begin, end, state, request_key,
+    done_periods, total_periods, reason; times as ``begin``/``end``). One of:
+    ("existing", task id) the same request again, or exactly the window of
+    an active task (merged); ("restart", task) the same request after its
+    task failed; ("new", None); ("refused", [problems]) the key used for
+    another window, or an overlap. Shared by the sql and drop-in backends."""
+    iso = lambda dt: utils.isoformat(utils.from_db(dt))  # noqa: E731
+    same = [t for t in tasks if t.request_key == key]
+    failed = None
+    if same:
+        task = same[0]
+        if (task.begin, task.end) != (begin, end):
+            return "refused", [
+                f"scope {scope}: request id {key!r} was already used by task {task.id} "
+                f"for another window [{iso(task.begin)}, {iso(task.end)})"]
+        if task.state != TASK_FAILED:
+            return "existing", task.id  # the same request again: nothing new
+        failed = task  # the same request after its task failed: restart it
+    overlapping = [t for t in tasks
+                   if t.state in ACTIVE_TASK_STATES and t.begin < end and begin < t.end]
+    if len(overlapping) == 1 and (overlapping[0].begin, overlapping[0].end) == (begin, end):
+        return "existing", overlapping[0].id  # the same window: merged
+    if overlapping:
+        return "refused", [
+            f"scope {scope}: the window overlaps task {t.id} [{iso(t.begin)}, "
+            f"{iso(t.end)}) ({t.state}, {t.done_periods}/{t.total_periods} periods, "
+            f"reason {t.reason!r}): wait until it is done, or send exactly its "
+            "window to join it" for t in overlapping]
+    if failed is not None:
+        return "restart", failed
+    return "new", None
