@@ -30,7 +30,7 @@ from tests.cloudkitty_rules_db import RulesDB, load_vectors
 D = decimal.Decimal
 UTC = datetime.timezone.utc
 REPO = pathlib.Path(__file__).resolve().parents[2]
-VECTORS = REPO.parent / "shared" / "compat" / "hashmap-vectors.json"
+VECTORS = REPO / "tests" / "fixtures" / "compat" / "hashmap-vectors.json"
 JAN = datetime.datetime(2026, 1, 15, 10, tzinfo=UTC)
 FEB = datetime.datetime(2026, 2, 1, tzinfo=UTC)
 NOISY = "1.1000000000000000888178419700"  # a cost of 1.1 sent by the CLI, as stored

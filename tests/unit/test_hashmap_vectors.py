@@ -1,6 +1,6 @@
 """The hashmap processor prices every compatibility vector like CloudKitty.
 
-``shared/compat/hashmap-vectors.json`` (next to the repository) holds 1,519
+``tests/fixtures/compat/hashmap-vectors.json`` (a copy of shared/compat/) holds 1,519
 datapoints priced by CloudKitty 25.0.0's own HashMap module. Each ruleset is
 written to a YAML file and loaded through the real loader; each case is
 rated by ``HashMapProcessor.process`` on a one-point frame and by
@@ -23,15 +23,13 @@ from cloudkitty_proc.dataframe import DataFrame, DataPoint
 from cloudkitty_proc.rating.hashmap import HashMapProcessor, price_point
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-VECTORS = REPO.parent / "shared" / "compat" / "hashmap-vectors.json"
+VECTORS = REPO / "tests" / "fixtures" / "compat" / "hashmap-vectors.json"
 EXPECTED_CASES = 1519
 
 
 def _load_vectors() -> dict:
     if not VECTORS.is_file():
-        pytest.fail(f"compatibility vectors not found at {VECTORS} (expected "
-                    f"<repo>/../shared/compat/hashmap-vectors.json)",
-                    pytrace=False)
+        pytest.fail(f"compatibility vectors not found at {VECTORS}", pytrace=False)
     with VECTORS.open(encoding="utf-8") as fh:
         return json.load(fh)
 
