@@ -50,6 +50,7 @@ REQUIREMENTS = (f"gnocchi[postgresql,file,keystone]=={GNOCCHI_VERSION}",)
 EXECUTABLES = ("python", "gnocchi-upgrade", "gnocchi-metricd")
 
 MARKER = _ck.MARKER
+cache_dir = _ck.cache_dir
 
 
 def venv_path() -> Path:

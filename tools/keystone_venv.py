@@ -49,6 +49,7 @@ REQUIREMENTS = (f"keystone=={KEYSTONE_VERSION}",)
 EXECUTABLES = ("python", "keystone-manage")
 
 MARKER = _ck.MARKER
+cache_dir = _ck.cache_dir
 
 
 def venv_path() -> Path:
