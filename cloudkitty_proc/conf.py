@@ -194,6 +194,19 @@ orchestrator_opts = [
         "releases the scope lock and moves on, so that a scope with months "
         "to catch up does not starve the others.",
     ),
+    cfg.IntOpt(
+        "lease_partitions",
+        default=64,
+        min=0,
+        help="Scopes are leased by partition: each scope belongs to one of "
+        "lease_partitions partitions (a hash of its id) and a worker takes "
+        "one tooz lock per partition, not per scope, then collects and "
+        "commits the due scopes of the partitions it holds in batches "
+        "([collect] max_scopes_per_query). Every host of a deployment must "
+        "use the same value. 0: one lock per scope (the lock names "
+        "CloudKitty uses in the drop-in mode, which always leases per "
+        "scope).",
+    ),
     cfg.FloatOpt(
         "poll_interval",
         default=30.0,
@@ -270,6 +283,18 @@ collect_opts = [
         type=LabelNameType(),
         default="project_id",
         help="Label that identifies a scope in the collected data.",
+    ),
+    cfg.IntOpt(
+        "max_scopes_per_query",
+        default=200,
+        min=1,
+        help="How many scopes one collector query covers: the due scopes "
+        "a worker holds whose next period is the same are collected "
+        "together, one query per metric and period, and the reply split by "
+        "scope_key (collectors that can: prometheus). Bounds the size of a "
+        "reply, hence a worker's memory. 1: one query per scope, metric and "
+        "period (CloudKitty's queries). A batched query that fails is asked "
+        "again scope by scope.",
     ),
     cfg.StrOpt(
         "begin",
