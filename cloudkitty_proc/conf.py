@@ -198,14 +198,10 @@ orchestrator_opts = [
         "lease_partitions",
         default=64,
         min=0,
-        help="Scopes are leased by partition: each scope belongs to one of "
-        "lease_partitions partitions (a hash of its id) and a worker takes "
-        "one tooz lock per partition, not per scope, then collects and "
-        "commits the due scopes of the partitions it holds in batches "
-        "([collect] max_scopes_per_query). Every host of a deployment must "
-        "use the same value. 0: one lock per scope (the lock names "
-        "CloudKitty uses in the drop-in mode, which always leases per "
-        "scope).",
+        help="Scopes are leased by partition (a hash of the scope id): one "
+        "tooz lock per partition, not per scope. Same value on every host. "
+        "0: one lock per scope (always so in the drop-in mode, with "
+        "CloudKitty's lock names).",
     ),
     cfg.FloatOpt(
         "poll_interval",
@@ -288,13 +284,10 @@ collect_opts = [
         "max_scopes_per_query",
         default=200,
         min=1,
-        help="How many scopes one collector query covers: the due scopes "
-        "a worker holds whose next period is the same are collected "
-        "together, one query per metric and period, and the reply split by "
-        "scope_key (collectors that can: prometheus). Bounds the size of a "
-        "reply, hence a worker's memory. 1: one query per scope, metric and "
-        "period (CloudKitty's queries). A batched query that fails is asked "
-        "again scope by scope.",
+        help="Scopes due for the same period are collected with one query "
+        "per metric and period (prometheus), the reply split by scope_key; "
+        "this bounds a reply's size (a worker's memory). 1: one query per "
+        "scope, metric and period, as CloudKitty.",
     ),
     cfg.StrOpt(
         "begin",

@@ -109,6 +109,40 @@ def lock_name_for(conf: Any, scope_id: str) -> bytes:
     return lock_name(scope_id)
 
 
+def partitions_for(conf: Any) -> int:
+    """How many lease partitions the scopes are spread over: ``[orchestrator]
+    lease_partitions``, or 0 (one lease per scope) in the drop-in mode,
+    whose leases are CloudKitty's per-scope locks."""
+    group = getattr(conf, "cloudkitty_proc", None)
+    if group is not None and getattr(group, "mode", "native") == "cloudkitty":
+        return 0
+    return conf.orchestrator.lease_partitions
+
+
+def partition_of(scope_id: str, partitions: int) -> int:
+    """The lease partition of a scope: a hash of its id, the same on every
+    host and in every process (not Python's ``hash``, which is salted)."""
+    digest = hashlib.sha256(scope_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % partitions
+
+
+def partition_lock_name(index: int, partitions: int) -> bytes:
+    """tooz lock name of a lease partition. The partition count is in the
+    name: hosts configured with different counts then never believe they
+    hold the same partition with different scopes in it (the state fence
+    still keeps their commits apart)."""
+    return f"ckp-partition-{partitions}-{index}".encode()
+
+
+def lease_name(conf: Any, scope_id: str) -> bytes:
+    """The lock a worker holds while it processes ``scope_id``: its
+    partition's (``lease_partitions`` > 0) or its own (lock_name_for)."""
+    partitions = partitions_for(conf)
+    if partitions:
+        return partition_lock_name(partition_of(scope_id, partitions), partitions)
+    return lock_name_for(conf, scope_id)
+
+
 @contextlib.contextmanager
 def scope_lease(coordinator: Any, scope_id: str, log: logging.LoggerAdapter, *,
                 on_busy: Callable[[], None] | None = None,

@@ -47,6 +47,7 @@ from typing import Any
 from oslo_config import cfg
 
 from cloudkitty_proc import leases, schedule, utils
+from cloudkitty_proc.batched_pass import BatchedPasses
 from cloudkitty_proc.fetchers.base import FetchError, usable_scopes
 from cloudkitty_proc.log import ContextLogger, mask_url
 from cloudkitty_proc.lookahead import AheadPlan, AheadScope, LookAhead
@@ -78,7 +79,7 @@ class _Pass:
     tried: str | None = None
 
 
-class Worker:
+class Worker(BatchedPasses):
     """The scope loop of one worker; see the module docstring."""
 
     def __init__(self, conf: cfg.ConfigOpts, worker_name: str, *,
@@ -122,7 +123,7 @@ class Worker:
                                  telemetry=self.telemetry, stop_event=self.stop_event)
         self.lookahead = LookAhead(coordinator, self.log, next_scope=self._next_ahead,
                                    plan=self._plan_ahead,
-                                   lock_name=lambda s: leases.lock_name_for(conf, s))
+                                   lock_name=lambda s: leases.lease_name(conf, s))
         self._pass: _Pass | None = None
         #: scope ids refused (too long), logged once each
         self._refused_scopes: set[str] = set()
@@ -159,6 +160,12 @@ class Worker:
         offset = (self.worker_index * len(scopes)) // self.worker_count
         queue = collections.deque(scopes[offset:] + scopes[:offset])
         self._pass = _Pass(queue, states, task_scopes, now)
+        if self.batching:
+            try:
+                self._batched_pass(result)
+            finally:
+                self._pass = None
+            return result
         try:
             while queue:
                 if self.stop_event.is_set():
@@ -178,16 +185,20 @@ class Worker:
                 if res is None:  # locked by another worker
                     result.pending = True
                     continue
-                if res.committed and not res.error:
-                    self.failures.forget(scope_id)
-                result.worked |= res.attempted
-                result.pending |= res.more_due
-                result.committed += res.committed
-                result.errors += int(res.error)
+                self._account(result, scope_id, res)
         finally:
             self._pass = None
             self.lookahead.drop()
         return result
+
+    def _account(self, result: PassResult, scope_id: str, res: ScopeResult) -> None:
+        """Add a scope's visit to the pass's result."""
+        if res.committed and not res.error:
+            self.failures.forget(scope_id)
+        result.worked |= res.attempted
+        result.pending |= res.more_due
+        result.committed += res.committed
+        result.errors += int(res.error)
 
     def _wants_visit(self, scope_id: str) -> bool:
         """The scope has due periods or reprocessing to do, as seen from the
@@ -228,7 +239,7 @@ class Worker:
         log = self.log.for_scope(scope_id)
         with leases.scope_lease(self.coordinator, scope_id, log,
                                 on_busy=self.telemetry.lock_busy,
-                                name=leases.lock_name_for(self.conf, scope_id)) as held:
+                                name=leases.lease_name(self.conf, scope_id)) as held:
             if not held:
                 return None
             return self._process_leased(scope_id, log)

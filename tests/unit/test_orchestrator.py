@@ -20,7 +20,7 @@ from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.executor import make_executor
 from cloudkitty_proc.fetchers.source import SourceFetcher
 from cloudkitty_proc.metrics_conf import parse_metrics
-from cloudkitty_proc.leases import lock_name, start_coordinator
+from cloudkitty_proc.leases import lease_name, start_coordinator
 from cloudkitty_proc.rating.noop import NoopProcessor
 from cloudkitty_proc.schedule import is_due
 from cloudkitty_proc.storage.sql import SQLStorage
@@ -221,7 +221,7 @@ def test_empty_period_is_committed_not_skipped(conf, storage):
 
 def test_locked_scope_is_left_to_its_holder(conf, storage):
     coord = start_coordinator(conf, "holder")
-    lock = coord.get_lock(lock_name("a"))
+    lock = coord.get_lock(lease_name(conf, "a"))
     assert lock.acquire(blocking=False)
     try:
         worker = make_worker(conf, storage, FakeCollector())
@@ -229,7 +229,13 @@ def test_locked_scope_is_left_to_its_holder(conf, storage):
         result = worker.run_pass()
         assert result.pending  # oneshot must not finish while a is held
         assert storage.get_state("a").last_processed is None
-        assert storage.get_state("b").last_processed == T0 + 5 * HOUR
+        # the scopes under the same lease (a's partition) wait with it, the
+        # others are rated
+        held = lease_name(conf, "a")
+        for scope in "bc":
+            expected = None if lease_name(conf, scope) == held else T0 + 5 * HOUR
+            assert storage.get_state(scope).last_processed == expected
+        assert {lease_name(conf, s) == held for s in "bc"} == {True, False}
     finally:
         lock.release()
         coord.stop()

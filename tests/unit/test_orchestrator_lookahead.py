@@ -17,6 +17,14 @@ from tests.unit.test_orchestrator import (HOUR, T0, FakeCollector, conf,  # noqa
 LAST = T0 + 5 * HOUR
 
 
+@pytest.fixture(autouse=True)
+def per_scope(conf):  # noqa: F811 - the imported fixture
+    """The look-ahead across scopes belongs to the per-scope path: one
+    lease and one query per scope (batched passes have no use for it)."""
+    conf.set_override("lease_partitions", 0, group="orchestrator")
+    conf.set_override("max_scopes_per_query", 1, group="collect")
+
+
 def lock_is_free(conf, scope):
     coord = start_coordinator(conf, f"probe-{scope}")
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import decimal
 import threading
 
-from cloudkitty_proc.leases import lock_name, start_coordinator
+from cloudkitty_proc.leases import lease_name, start_coordinator
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests.unit.test_orchestrator import (HOUR, T0, FakeCollector, LostLeaseCoordinator,
                                           conf, make_worker, storage)  # noqa: F401
@@ -65,7 +65,7 @@ def test_task_runs_under_the_lock_within_the_period_budget(conf, storage):
     # invariant 5: while another member holds the scope's lock, nothing runs
     [tid] = storage.create_reprocess_tasks(["a"], T0, T0 + HOUR, "again", 3600)
     other = start_coordinator(conf, "holder")
-    lock = other.get_lock(lock_name("a"))
+    lock = other.get_lock(lease_name(conf, "a"))
     assert lock.acquire(blocking=False)
     try:
         assert worker.process_scope("a") is None

@@ -1,0 +1,314 @@
+"""A batch: several scopes whose next periods are the same, collected with
+one query per metric and period, rated scope by scope, committed together.
+
+The worker (worker.py) forms batches among the scopes whose leases it
+holds: scopes with the same due periods, at most ``[collect]
+max_scopes_per_query`` of them. ``BatchRun.run`` then goes through the
+periods in time order, keeping ``lookahead_periods`` periods' queries in
+the collect executor::
+
+    for each period (oldest first):
+      for each metric: one call in the executor
+          collector.retrieve_batch(metric, scopes, begin, end)
+              one query, the reply split by the scope key
+          (a collector or metric that cannot batch: collector.retrieve per
+          scope, each in the executor)
+      scopes the batched reply could not answer (the query failed, or a
+          scope's values were malformed): asked again alone, collector.retrieve
+          in the executor; a connection failure or a timeout is not asked
+          again (every scope would meet the same server): each scope of the
+          batch fails with it
+      per scope: DataFrame ─► rating chain ─► skip expressions
+      storage.commit_periods(every scope's frame): one transaction, each
+          scope fenced on its own state version
+
+A scope that fails (its collection, its rating, its commit, or its fence)
+leaves the batch: its error is recorded as on the per-scope path
+(``Failures``), its state stays, its later periods are not committed
+(invariant 3: a scope commits in time order) and the other scopes go on
+(invariant 4). Queries already queued for later periods still cover it; its
+part of their replies is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cloudkitty_proc import faults, utils
+from cloudkitty_proc.dataframe import DataFrame, time_groupby
+from cloudkitty_proc.exceptions import CollectError, StaleStateError
+from cloudkitty_proc.log import ContextLogger, mask_url
+from cloudkitty_proc.pipeline import ScopeResult
+
+if TYPE_CHECKING:  # annotations only
+    from cloudkitty_proc.pipeline import Pipeline
+
+#: CollectError kinds of a failed batched query that are not asked again
+#: scope by scope: the server is down or too slow, and would be for each
+#: scope as well (with the collector's retries, that would take the batch's
+#: size times longer to fail)
+NO_FALLBACK_KINDS = frozenset({"connection", "timeout"})
+
+
+class _Member:
+    """One scope of the batch."""
+
+    __slots__ = ("scope_id", "version", "log", "res")
+
+    def __init__(self, scope_id: str, version: int, log: ContextLogger,
+                 res: ScopeResult) -> None:
+        self.scope_id = scope_id
+        self.version = version
+        self.log = log
+        self.res = res
+
+
+class BatchRun:
+    """The periods ``starts`` of the scopes ``members`` ((scope id, state
+    version read under the lease, logger, ScopeResult)), all due for the
+    same periods; see the module docstring."""
+
+    def __init__(self, pipeline: Pipeline, storage: Any, worker: str,
+                 members: Sequence[tuple[str, int, ContextLogger, ScopeResult]],
+                 starts: Sequence[datetime.datetime]) -> None:
+        self.pipeline = pipeline
+        self.storage = storage
+        self.worker = worker
+        self.members = [_Member(*m) for m in members]
+        self.starts = list(starts)
+        collector = pipeline.collector
+        self.collector = collector
+        batch = getattr(collector, "retrieve_batch", None)
+        can = getattr(collector, "batchable", None)
+        #: per metric: whether it is collected with one query for the batch
+        self.metrics = [(m, batch is not None and len(self.members) > 1
+                         and (can is None or can(m)))
+                        for m in collector.metrics]
+
+    # -- the run -------------------------------------------------------------
+    def run(self) -> None:
+        p = self.pipeline
+        period = datetime.timedelta(seconds=p.period)
+        alive = {m.scope_id: m for m in self.members}
+        for m in self.members:
+            m.res.attempted = True
+        upcoming = iter(self.starts)
+        pending: collections.deque = collections.deque()
+        depth = max(1, p.conf.orchestrator.lookahead_periods)
+
+        def submit_next() -> bool:
+            begin = next(upcoming, None)
+            if begin is None:
+                return False
+            scopes = tuple(alive)
+            end = begin + period
+            pending.append((begin, end, scopes, self._submit(scopes, begin, end),
+                            time.monotonic()))
+            return True
+
+        while len(pending) < depth and submit_next():
+            pass
+        try:
+            while pending and alive:
+                if p.stop_event.is_set():
+                    for m in alive.values():
+                        m.res.more_due = True
+                    break
+                begin, end, scopes, handles, t0 = pending.popleft()
+                frames = self._collect(alive, scopes, begin, end, handles)
+                submit_next()
+                p.executor.yield_now()
+                self._rate_and_commit(alive, frames, t0)
+        finally:
+            while pending:
+                _drain(pending.popleft()[3])
+
+    # -- collect ---------------------------------------------------------------
+    def _submit(self, scopes: tuple[str, ...], begin: datetime.datetime,
+                end: datetime.datetime) -> list:
+        """The executor calls of one period: (metric, batched, handle or
+        {scope: handle})."""
+        submit = self.pipeline.executor.submit
+        handles = []
+        for metric, batched in self.metrics:
+            if batched:
+                handles.append((metric, True, submit(self._retrieve_batch, metric, scopes,
+                                                     begin, end)))
+            else:
+                handles.append((metric, False, {
+                    s: submit(self.pipeline._retrieve, metric, s, begin, end) for s in scopes}))
+        return handles
+
+    def _retrieve_batch(self, metric: Any, scopes: tuple[str, ...],
+                        begin: datetime.datetime, end: datetime.datetime) -> dict:
+        """collector.retrieve_batch, timed (runs in the collect executor)."""
+        t0 = time.monotonic()
+        try:
+            return self.collector.retrieve_batch(metric, scopes, begin, end)
+        finally:
+            self.pipeline.telemetry.query(metric.usage_type, time.monotonic() - t0)
+
+    def _collect(self, alive: dict[str, _Member], scopes: tuple[str, ...],
+                 begin: datetime.datetime, end: datetime.datetime,
+                 handles: list) -> dict[str, DataFrame]:
+        """The frames of the period for the scopes still in the batch; a
+        scope whose collection failed is recorded and leaves the batch."""
+        p = self.pipeline
+        points: dict[str, dict[int, list]] = {s: {} for s in scopes if s in alive}
+        errors: dict[str, BaseException] = {}
+        retry: list[tuple[int, Any, str]] = []   # (metric index, metric, scope)
+        for index, (metric, batched, handle) in enumerate(handles):
+            if not batched:
+                for scope_id, h in handle.items():
+                    if scope_id not in points:
+                        _drain_one(h)
+                        continue
+                    try:
+                        points[scope_id][index] = h.result()
+                    except Exception as exc:  # noqa: BLE001 - recorded per scope
+                        errors.setdefault(scope_id, exc)
+                continue
+            try:
+                got = handle.result()
+            except CollectError as exc:
+                if exc.kind in NO_FALLBACK_KINDS:
+                    for scope_id in points:
+                        errors.setdefault(scope_id, exc)
+                    continue
+                self._log_fallback(alive, scopes, metric, begin, exc)
+                got = {}
+            except Exception as exc:  # noqa: BLE001 - a collector bug: each scope alone
+                self._log_fallback(alive, scopes, metric, begin, exc)
+                got = {}
+            for scope_id in points:
+                mine = got.get(scope_id)
+                if mine is None:
+                    retry.append((index, metric, scope_id))
+                else:
+                    points[scope_id][index] = mine
+        if retry:  # each scope alone, concurrently
+            submit = p.executor.submit
+            alone = [(i, s, submit(p._retrieve, metric, s, begin, end))
+                     for i, metric, s in retry if s not in errors]
+            for index, scope_id, h in alone:
+                try:
+                    points[scope_id][index] = h.result()
+                except Exception as exc:  # noqa: BLE001 - recorded per scope
+                    errors.setdefault(scope_id, exc)
+        keys = time_groupby(begin)
+        frames: dict[str, DataFrame] = {}
+        for scope_id, by_metric in points.items():
+            member = alive[scope_id]
+            exc = errors.get(scope_id)
+            if exc is not None:
+                self._fail_collect(member, begin, exc)
+                del alive[scope_id]
+                continue
+            frame = DataFrame(scope_id, begin, end)
+            for index, (metric, _b, _h) in enumerate(handles):
+                mine = by_metric[index]
+                for point in mine:
+                    point.groupby.update(keys)
+                frame.add_points(metric.usage_type, mine)
+            frames[scope_id] = frame
+        return frames
+
+    def _log_fallback(self, alive: dict[str, _Member], scopes: tuple[str, ...], metric: Any,
+                      begin: datetime.datetime, exc: BaseException) -> None:
+        live = [s for s in scopes if s in alive]
+        if live:
+            alive[live[0]].log.warning(
+                "batched query of metric %s for %d scopes, period %s, failed (%s); "
+                "asking each scope alone", metric.label, len(live), begin.isoformat(),
+                mask_url(exc))
+
+    def _fail_collect(self, member: _Member, begin: datetime.datetime,
+                      exc: BaseException) -> None:
+        failures = self.pipeline.failures
+        if isinstance(exc, CollectError):
+            failures.record(member.log, member.res, member.scope_id, begin, "collect", exc,
+                            kind=exc.kind)
+        else:  # a collector bug: same treatment, with its traceback
+            member.log.error("collector failed for period %s", begin.isoformat(),
+                             exc_info=exc)
+            failures.record(member.log, member.res, member.scope_id, begin, "collect", exc,
+                            kind="error")
+
+    # -- rate and commit -------------------------------------------------------
+    def _rate_and_commit(self, alive: dict[str, _Member], frames: dict[str, DataFrame],
+                         t0: float) -> None:
+        p = self.pipeline
+        items: list[tuple[DataFrame, int]] = []
+        for scope_id, frame in frames.items():
+            member = alive[scope_id]
+            rated = p._rate(frame, member.log, member.res)
+            if rated is None:
+                del alive[scope_id]
+                continue
+            items.append((p.skipper.apply(rated), member.version))
+        if not items:
+            return
+        faults.point("before_commit")
+        try:
+            outcomes = _commit_periods(self.storage, items, self.worker)
+        except Exception as exc:  # noqa: BLE001 - the storage failed as a whole
+            outcomes = [exc] * len(items)
+        elapsed = time.monotonic() - t0
+        level = p.period_log_level
+        for (frame, _version), outcome in zip(items, outcomes):
+            member = alive[frame.scope_id]
+            log = member.log
+            begin = frame.begin
+            if isinstance(outcome, StaleStateError):
+                log.warning("period %s not committed, another worker moved the "
+                            "scope on (%s); dropping it", begin.isoformat(), outcome)
+                del alive[frame.scope_id]
+                continue
+            if isinstance(outcome, BaseException):
+                log.error("storing period %s failed: %s", begin.isoformat(),
+                          mask_url(outcome))
+                p.failures.record(log, member.res, frame.scope_id, begin, "storage", outcome,
+                                  kind="storage")
+                del alive[frame.scope_id]
+                continue
+            member.version = outcome
+            member.res.committed += 1
+            p.telemetry.period_committed(frame, elapsed)
+            if log.isEnabledFor(level):
+                log.log(level, "committed period %s: %d datapoints, price %s, %.3f s",
+                        begin.isoformat(), len(frame), utils.decimal_str(frame.total_price()),
+                        elapsed)
+
+
+def _drain_one(handle: Any) -> None:
+    try:
+        handle.result()
+    except Exception:  # noqa: S110 - dropped: the scope left the batch
+        pass
+
+
+def _drain(handles: list) -> None:
+    for _metric, batched, handle in handles:
+        if batched:
+            _drain_one(handle)
+        else:
+            for h in handle.values():
+                _drain_one(h)
+
+
+
+def _commit_periods(storage, items, worker):  # TEMPORARY until storage.commit_periods lands
+    fn = getattr(storage, "commit_periods", None)
+    if fn is not None:
+        return fn(items, worker=worker)
+    out = []
+    for frame, version in items:
+        try:
+            out.append(storage.commit_period(frame, version, worker=worker))
+        except Exception as exc:  # noqa: BLE001
+            out.append(exc)
+    return out
