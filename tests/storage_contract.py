@@ -29,7 +29,13 @@ Hooks a backend may override (methods of the subclass):
   price) went through the store: itself for exact stores (the default),
   ``Decimal(repr(float(value)))`` for stores that keep floats, as
   CloudKitty's InfluxDB and Elasticsearch layouts do (``exact_numbers =
-  False``). Period records (``iter_periods``) are exact on every backend.
+  False``). Period records (``iter_periods``) are exact on every backend;
+* ``fail_storing(monkeypatch, storage, scope_id)``: make storing that
+  scope's rated data fail inside its commit, after its compare-and-set, as
+  a database or point store error would (default: the object's
+  ``commit_period`` raises for the scope, before anything, which tests
+  only a backend whose ``commit_periods`` is the base's per-item loop).
+  ``fail_point_writes`` does it for the backends with a point store.
 """
 
 from __future__ import annotations
@@ -111,6 +117,23 @@ def snapshot(storage, scope_id: str):
             list(storage.iter_periods(scope_id)))
 
 
+class InjectedStoreError(RuntimeError):
+    """The failure ``fail_storing`` injects."""
+
+
+def fail_point_writes(monkeypatch, storage, scope_id: str) -> None:
+    """``fail_storing`` for a backend with a point store (``storage.points``):
+    writing the scope's points fails."""
+    write = storage.points.write
+
+    def failing_write(frame, *args, **kwargs):
+        if frame.scope_id == scope_id:
+            raise InjectedStoreError(f"injected: writing the points of {scope_id} failed")
+        return write(frame, *args, **kwargs)
+
+    monkeypatch.setattr(storage.points, "write", failing_write)
+
+
 def need_reprocessing(storage) -> None:
     if not storage.supports(REPROCESSING):
         pytest.skip(f"{type(storage).__name__} does not support reprocessing")
@@ -141,6 +164,17 @@ class StorageContract:
         """Set the scope's last_processed behind the storage's back."""
         pytest.skip(f"{type(storage).__name__}: no way to move a scope's frontier "
                     "behind the storage's back")
+
+    def fail_storing(self, monkeypatch, storage, scope_id: str) -> None:
+        """Make storing ``scope_id``'s rated data fail (backend hook)."""
+        commit_period = storage.commit_period
+
+        def failing_commit(frame, expected_version, *, worker=""):
+            if frame.scope_id == scope_id:
+                raise InjectedStoreError(f"injected: storing {scope_id} failed")
+            return commit_period(frame, expected_version, worker=worker)
+
+        monkeypatch.setattr(storage, "commit_period", failing_commit)
 
     # -- schema and capabilities -------------------------------------------
 
@@ -273,6 +307,108 @@ class StorageContract:
         assert [(p.scope_id, p.begin) for p in storage.iter_periods()] == [
             (s, at(n)) for s in ("s1", "s2") for n in range(5)]
         assert [r.begin for r in storage.iter_rated("s2")] == [at(n) for n in range(5)]
+
+    # -- batched commits (commit_periods) ---------------------------------------
+
+    def test_commit_periods_commits_each_scope_as_commit_period(self, storage):
+        """A batch of several scopes (first commits, later ones, an empty
+        frame, a scope with only an error row): each item is stored as
+        commit_period stores it, the results in the items' order."""
+        storage.commit_period(make_frame("b", 0, points=1), 0)
+        storage.commit_period(make_frame("b", 1, points=1), 1)
+        storage.record_error("c", "collector down")  # a row at version 0
+        assert storage.commit_periods([]) == []
+        items = [(make_frame("z", 0, points=3, types=("volume", "instance")), 0),
+                 (make_frame("b", 2, points=2), 2),
+                 (make_frame("c", 0), 0),
+                 (priced_frame("a", 0, "0.5", points=4), 0)]
+        assert storage.commit_periods(items, worker="w1") == [1, 3, 1, 1]
+
+        states = storage.get_states(["z", "b", "c", "a"])
+        assert {s: (st.last_processed, st.version, st.last_error)
+                for s, st in states.items()} == {
+            "z": (at(0), 1, None), "b": (at(2), 3, None), "c": (at(0), 1, None),
+            "a": (at(0), 1, None)}
+        assert [(p.scope_id, p.begin, p.points, p.price, p.worker)
+                for p in storage.iter_periods()] == [
+            ("a", at(0), 4, D(2), "w1"),
+            ("b", at(0), 1, D("0.01"), ""), ("b", at(1), 1, D("0.01"), ""),
+            ("b", at(2), 2, D("0.03"), "w1"),
+            ("c", at(0), 0, D(0), "w1"),
+            ("z", at(0), 6, D("0.12"), "w1")]
+        v = self.stored
+        assert [(r.begin, r.type, r.qty, r.price, r.groupby["i"], r.metadata)
+                for r in storage.iter_rated("z")] == [
+            (at(0), t, v(D(i + 1)), v(D("0.01") * (i + 1)), str(i), {"period": "0"})
+            for t in ("instance", "volume") for i in range(3)]
+        assert rows(storage, "a") == [(at(0), v(D("0.5")))] * 4
+        assert count(storage, "b") == 4 and count(storage, "c") == 0
+
+        # later periods of the same scopes, in another order
+        assert storage.commit_periods([(make_frame("a", 1, points=1), 1),
+                                       (make_frame("z", 1, points=1), 1),
+                                       (make_frame("b", 3), 3)]) == [2, 2, 4]
+        assert {s: st.version for s, st in storage.get_states(["a", "b", "z"]).items()} == {
+            "a": 2, "b": 4, "z": 2}
+        assert [p.begin for p in storage.iter_periods("a")] == [at(0), at(1)]
+
+    def test_commit_periods_refuses_a_stale_item_alone(self, storage):
+        storage.commit_period(make_frame("a", 0, points=1), 0)
+        storage.commit_period(make_frame("b", 0, points=1), 0)
+        storage.commit_period(make_frame("d", 0, points=1), 0)
+        before = {s: snapshot(storage, s) for s in ("b", "d")}
+        results = storage.commit_periods([
+            (make_frame("a", 1, points=2), 1),
+            (make_frame("b", 1, points=2), 0),  # row exists: expected 0 is stale
+            (make_frame("c", 0, points=2), 0),
+            (make_frame("d", 1, points=2), 5),
+        ])
+        assert results[0] == 2 and results[2] == 1
+        for result, scope in ((results[1], "b"), (results[3], "d")):
+            assert isinstance(result, StaleStateError), results
+            assert f"scope {scope}" in str(result)
+        assert {s: snapshot(storage, s) for s in ("b", "d")} == before
+        assert (storage.get_state("a").version, count(storage, "a")) == (2, 3)
+        assert (storage.get_state("c").version, count(storage, "c")) == (1, 2)
+        # the refused scopes go on from the version they really have
+        assert storage.commit_periods([(make_frame("b", 1, points=2), 1),
+                                       (make_frame("d", 1, points=2), 1)]) == [2, 2]
+
+    def test_commit_periods_refuses_two_items_of_one_scope(self, storage):
+        storage.commit_period(make_frame("a", 0, points=1), 0)
+        before = {s: snapshot(storage, s) for s in ("a", "b")}
+        with pytest.raises(ValueError, match="scope a has more than one item"):
+            storage.commit_periods([(make_frame("a", 1, points=1), 1),
+                                    (make_frame("b", 0, points=1), 0),
+                                    (make_frame("a", 2, points=1), 2)])
+        assert {s: snapshot(storage, s) for s in ("a", "b")} == before
+
+    def test_commit_periods_an_item_failing_to_store_fails_alone(self, storage, monkeypatch):
+        storage.commit_period(make_frame("a", 0, points=1), 0)
+        storage.commit_period(make_frame("b", 0, points=1), 0)
+        before = snapshot(storage, "b")
+        self.fail_storing(monkeypatch, storage, "b")
+        results = storage.commit_periods([(make_frame("a", 1, points=2), 1),
+                                          (make_frame("b", 1, points=2), 1),
+                                          (make_frame("c", 0, points=2), 0)])
+        assert results[0] == 2 and results[2] == 1
+        assert isinstance(results[1], InjectedStoreError), results
+        assert snapshot(storage, "b") == before
+        assert [(p.begin, p.points) for p in storage.iter_periods("a")] == [
+            (at(0), 1), (at(1), 2)]
+        assert (storage.get_state("c").version, count(storage, "c")) == (1, 2)
+        # a first commit failing to store leaves no state row behind either
+        storage.commit_period(make_frame("d", 0, points=1), 0)
+        self.fail_storing(monkeypatch, storage, "e")
+        results = storage.commit_periods([(make_frame("e", 0, points=2), 0),
+                                          (make_frame("d", 1, points=2), 1)])
+        assert isinstance(results[0], InjectedStoreError) and results[1] == 2
+        assert snapshot(storage, "e") == (storage.get_state("e"), [], [])
+        assert storage.get_state("e").version == 0
+        monkeypatch.undo()
+        assert storage.commit_periods([(make_frame("b", 1, points=2), 1),
+                                       (make_frame("e", 0, points=2), 0)]) == [2, 1]
+        assert count(storage, "b") == 3 and count(storage, "e") == 2
 
     # -- reading -------------------------------------------------------------
 

@@ -31,7 +31,8 @@ frontier belong to no committed period: a crash between the point write and
 the SQL commit leaves some). A reprocessed period's points are deleted,
 then written. ``reset_state``: the SQL reset (both rows, tasks cut, period
 records deleted), then, the scope's row locked again, the points from
-``to`` up to the first period committed since. This is the flow of
+``to`` up to the first period committed since. ``commit_periods`` is
+ExternalStorage's: one ``commit_period`` (this transaction) per item. This is the flow of
 ``storage/external.py`` with CloudKitty's rows in its transaction; it does
 not depend on ExternalStorage's own commit methods.
 

@@ -8,6 +8,9 @@ Invariants this contract carries (doc/source/design.rst):
    still ``expected_version`` (compare-and-set); otherwise it raises
    StaleStateError and writes nothing. A worker whose lock lapsed can
    therefore never commit over another worker's progress.
+   ``commit_periods`` (several scopes at once) fences and writes each of its
+   items exactly as ``commit_period`` would: a refused item writes nothing,
+   and no item's failure fails another.
 3. In order: the caller commits periods in time order; the state holds the
    start of the last committed period (CloudKitty's meaning).
 4. Durable reprocessing: ``create_reprocess_tasks`` commits every task of a
@@ -155,6 +158,19 @@ def request_key(scope_id: str, begin: datetime.datetime, end: datetime.datetime,
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_batch(items: Sequence[tuple[DataFrame, int]]) -> list[tuple[DataFrame, int]]:
+    """``commit_periods``' items as a list; ValueError naming the scope when
+    one has more than one item (their commits would fence each other)."""
+    items = list(items)
+    seen: set[str] = set()
+    for frame, _expected in items:
+        if frame.scope_id in seen:
+            raise ValueError(f"commit_periods: scope {frame.scope_id} has more than one "
+                             "item (at most one period per scope in a call)")
+        seen.add(frame.scope_id)
+    return items
+
+
 #: Optional storage features. A backend lists those it has in its
 #: ``capabilities``; callers test ``storage.supports(...)`` before using them.
 #:
@@ -255,6 +271,29 @@ class BaseStorage(abc.ABC):
         version (expected_version + 1). Raises StaleStateError (nothing
         written) otherwise. An empty frame is a valid commit (a period with
         no data)."""
+
+    def commit_periods(self, items: Sequence[tuple[DataFrame, int]],
+                       *, worker: str = "") -> list[int | Exception]:
+        """Commit several scopes' periods: ``items`` are (rated frame,
+        expected version of ``frame.scope_id``), at most one per scope
+        (ValueError otherwise, nothing written). Returns one entry per item,
+        in order: the new version (expected + 1), or the exception of that
+        item: StaleStateError when its compare-and-set was refused (nothing
+        of it written), any other when storing it failed.
+
+        Each item is fenced and written as ``commit_period`` does it
+        (invariants 1 and 2); a refused or failed item never makes another
+        item fail. A backend may commit the items together (the ``sql``
+        backend: one transaction) as long as that holds. Here: one
+        ``commit_period`` per item, in order."""
+        items = check_batch(items)
+        results: list[int | Exception] = []
+        for frame, expected_version in items:
+            try:
+                results.append(self.commit_period(frame, expected_version, worker=worker))
+            except Exception as exc:  # noqa: BLE001 - that item's outcome
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def record_error(self, scope_id: str, message: str, kind: str = "error") -> None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import sqlalchemy as sa
 from oslo_config import cfg
@@ -54,7 +54,7 @@ from cloudkitty_proc import utils
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import SchemaError
 from cloudkitty_proc.storage import models
-from cloudkitty_proc.storage.base import RatedRow, TypeSummary
+from cloudkitty_proc.storage.base import BaseStorage, RatedRow, TypeSummary
 from cloudkitty_proc.storage.points import PointStore
 from cloudkitty_proc.storage.sql import SQLStorage
 from cloudkitty_proc.storage.sql_rows import EXACT, naive
@@ -140,6 +140,18 @@ class ExternalStorage(SQLStorage):
         version = super().commit_period(frame, expected_version, worker=worker)
         self._clean[scope_id] = version
         return version
+
+    def commit_periods(self, items: Sequence[tuple[DataFrame, int]],
+                       *, worker: str = "") -> list[int | Exception]:
+        """BaseStorage's loop: one ``commit_period`` per item, not the
+        ``sql`` backend's single transaction. Each commit writes its points
+        to the store (HTTP) inside its SQL transaction, with the scope
+        locked (on SQLite, the database's write lock): one transaction for
+        a batch would hold every scope of it (on SQLite, every writer)
+        through all the batch's point writes, and each item's delete
+        decision (``_clean``) would have to follow it through the SQL
+        path. The drop-in storage (dropin/storage.py) inherits this."""
+        return BaseStorage.commit_periods(self, items, worker=worker)
 
     def scope_taken(self, scope_id: str) -> None:
         """A new lease: another worker may have written points past the

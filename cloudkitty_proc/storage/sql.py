@@ -11,7 +11,9 @@ How the invariants of ``storage/base.py`` are kept:
 1. Exactly once: ``commit_period`` runs the state compare-and-set, the
    ``rated_period`` row and every ``rated_data`` row in one transaction;
    ``UNIQUE(scope_id, begin)`` on ``rated_period`` is a second,
-   database-side guard against rating a period twice.
+   database-side guard against rating a period twice. ``commit_periods``
+   does the same for several scopes in one transaction (each item fenced
+   on its own); should it fail, the items are committed one by one.
 2. Fenced: ``UPDATE scope_state SET version = version + 1 ... WHERE
    scope_id = :s AND version = :expected``; 0 rows matched → rollback and
    StaleStateError. A scope without a row has version 0: the first commit
@@ -35,9 +37,11 @@ thread (``base.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -54,7 +58,7 @@ from cloudkitty_proc.exceptions import ConfigError, SchemaError, StaleStateError
 from cloudkitty_proc.log import mask_url
 from cloudkitty_proc.storage import models
 from cloudkitty_proc.storage.base import (MAX_ERROR_LENGTH, REPROCESSING, BaseStorage,
-                                          RatedPeriod)
+                                          RatedPeriod, check_batch)
 from cloudkitty_proc.storage.sql_engines import create_engines
 from cloudkitty_proc.storage.sql_read import SQLReads
 from cloudkitty_proc.storage.sql_rows import clip_error, db_now, frame_rows, naive
@@ -76,6 +80,8 @@ database_opts = [
 
 OPTS = [("database", database_opts)]
 
+LOG = logging.getLogger(__name__)
+
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 UPGRADE_HINT = "run `cloudkitty-proc-manage db upgrade`"
@@ -96,6 +102,32 @@ _COMMIT_STATE = (
             last_commit_at=sa.bindparam("b_now"), updated_at=sa.bindparam("b_now"),
             last_error=None, last_error_kind=None, last_error_at=None))
 _INSERT_PERIOD = _period_t.insert()
+
+
+@dataclasses.dataclass
+class _BatchItem:
+    """One item of ``commit_periods``, its rows computed."""
+
+    index: int
+    frame: DataFrame
+    expected_version: int
+    begin: datetime.datetime
+    rows: list
+    period_row: dict
+
+
+class _NotBegun(Exception):
+    """commit_periods' transaction could not begin (``error``)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's type and first line (SQLAlchemy's add a second line)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def alembic_config(url: str | sa.URL | None = None) -> AlembicConfig:
@@ -249,6 +281,35 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
         else:
             connection.execute(_data_t.insert(), rows)
 
+    def _advance_state(self, connection: sa.Connection, scope_id: str,
+                       expected_version: int, begin: datetime.datetime,
+                       now: datetime.datetime, *, savepoint: bool = False) -> bool:
+        """The state compare-and-set on a Core connection (it locks the
+        scope's row): False when the scope is no longer at
+        ``expected_version``. Version 0 inserts the row, and a duplicate key
+        means another writer won; ``savepoint``: that INSERT runs in a
+        SAVEPOINT, so its failure leaves the transaction usable (a batch)."""
+        result = connection.execute(_COMMIT_STATE, {
+            "b_scope_id": scope_id, "b_version": expected_version,
+            "b_last_processed": begin, "b_now": now})
+        if result.rowcount == 1:
+            return True
+        if expected_version != 0:
+            return False
+        insert = _state_t.insert().values(
+            scope_id=scope_id, version=1, active=True, created_at=now, last_processed=begin,
+            last_commit_at=now, updated_at=now, last_error=None, last_error_kind=None,
+            last_error_at=None)
+        try:
+            if savepoint:
+                with connection.begin_nested():
+                    connection.execute(insert)
+            else:
+                connection.execute(insert)
+        except sa_exc.IntegrityError:
+            return False
+        return True
+
     def commit_period(self, frame: DataFrame, expected_version: int,
                       *, worker: str = "") -> int:
         """See BaseStorage. A period already stored for the scope (possible
@@ -265,28 +326,107 @@ class SQLStorage(SQLReads, SQLReprocessTasks, BaseStorage):
                 period_row, lambda: self._stale(scope_id, expected_version, begin),
                 lambda: self._store_points(frame))
             return expected_version + 1
-        state_values = {
-            "last_processed": begin, "last_commit_at": now, "updated_at": now,
-            "last_error": None, "last_error_kind": None, "last_error_at": None,
-        }
         with self.engine.begin() as connection:
-            result = connection.execute(_COMMIT_STATE, {
-                "b_scope_id": scope_id, "b_version": expected_version,
-                "b_last_processed": begin, "b_now": now})
-            if result.rowcount != 1:
-                if expected_version != 0:
-                    raise self._stale(scope_id, expected_version, begin)
-                try:
-                    connection.execute(_state_t.insert().values(
-                        scope_id=scope_id, version=1, active=True, created_at=now,
-                        **state_values))
-                except sa_exc.IntegrityError as e:
-                    raise self._stale(scope_id, expected_version, begin) from e
+            if not self._advance_state(connection, scope_id, expected_version, begin, now):
+                raise self._stale(scope_id, expected_version, begin)
             self._store_points(frame)
             connection.execute(_INSERT_PERIOD, period_row)
             self._insert_data(connection, rows)
             faults.point("during_commit")  # crash tests: rows in, not committed
         return expected_version + 1
+
+    def commit_periods(self, items: Sequence[tuple[DataFrame, int]],
+                       *, worker: str = "") -> list[int | Exception]:
+        """See BaseStorage. ONE transaction for the whole batch: per item,
+        in scope order (the lock order of concurrent batches), the state
+        compare-and-set, then ``_store_points``; an item whose
+        compare-and-set fails writes nothing and gets StaleStateError. Then
+        the period rows and the rated rows of the others, in multi-row
+        INSERTs over all of them, and one COMMIT.
+
+        Should that transaction fail (a database error on one item's rows,
+        a lock timeout on one scope, ...), it is rolled back and the items
+        are committed one by one with ``commit_period``, so that a bad item
+        fails alone. Should it not even begin (no connection, the SQLite
+        write lock not obtained within the busy timeout), every item gets
+        that error: one by one, each would wait as long again."""
+        items = check_batch(items)
+        if len(items) < 2:
+            return BaseStorage.commit_periods(self, items, worker=worker)
+        now = db_now()
+        results: list[int | Exception | None] = [None] * len(items)
+        batch: list[_BatchItem] = []
+        # everything computed before the transaction: keep the lock short
+        for index, (frame, expected_version) in enumerate(items):
+            try:
+                rows, period_row = self._frame_rows(frame, now, worker)
+            except Exception as exc:  # noqa: BLE001 - that item's outcome
+                results[index] = exc
+                continue
+            batch.append(_BatchItem(index, frame, expected_version, naive(frame.begin),
+                                    rows, period_row))
+        batch.sort(key=lambda item: item.frame.scope_id)
+        try:
+            held = (self._commit_batch_sqlite if self.is_sqlite
+                    else self._commit_batch_core)(batch, now)
+        except _NotBegun as exc:
+            for item in batch:
+                results[item.index] = exc.error
+            return results
+        except Exception as exc:  # noqa: BLE001 - rolled back: one by one
+            LOG.warning("batched commit of %d scopes failed (%s); committing them one by "
+                        "one", len(batch), _first_line(exc))
+            for item in batch:
+                try:
+                    results[item.index] = self.commit_period(
+                        item.frame, item.expected_version, worker=worker)
+                except Exception as item_exc:  # noqa: BLE001 - that item's outcome
+                    results[item.index] = item_exc
+            return results
+        for item, ok in zip(batch, held):
+            results[item.index] = (item.expected_version + 1 if ok else self._stale(
+                item.frame.scope_id, item.expected_version, item.begin))
+        return results
+
+    def _commit_batch_sqlite(self, batch: list[_BatchItem],
+                             now: datetime.datetime) -> list[bool]:
+        """commit_periods' transaction on SQLite (sqlite_fast.py)."""
+        try:
+            raw = self._sqlite_writer()
+            self._commit.begin(raw, self.sleep)
+        except Exception as exc:  # noqa: BLE001 - reported per item
+            raise _NotBegun(exc) from exc
+        return self._commit.commit_periods(raw, [
+            (item.frame.scope_id, item.expected_version, item.rows, item.period_row,
+             lambda frame=item.frame: self._store_points(frame))
+            for item in batch])
+
+    def _commit_batch_core(self, batch: list[_BatchItem],
+                           now: datetime.datetime) -> list[bool]:
+        """commit_periods' transaction on PostgreSQL/MySQL (SQLAlchemy Core)."""
+        try:
+            connection = self.engine.connect()
+        except Exception as exc:  # noqa: BLE001 - reported per item
+            raise _NotBegun(exc) from exc
+        held: list[bool] = []
+        period_rows: list[dict] = []
+        data_rows: list = []
+        with connection, connection.begin():
+            for item in batch:
+                ok = self._advance_state(connection, item.frame.scope_id,
+                                         item.expected_version, item.begin, now,
+                                         savepoint=True)
+                held.append(ok)
+                if not ok:
+                    continue
+                self._store_points(item.frame)
+                period_rows.append(item.period_row)
+                data_rows.extend(item.rows)
+            if period_rows:
+                connection.execute(_INSERT_PERIOD, period_rows)
+            self._insert_data(connection, data_rows)
+            faults.point("during_commit")  # crash tests: rows in, not committed
+        return held
 
     def _sqlite_writer(self) -> Any:
         """The pooled writer connection commit_period keeps checked out on

@@ -160,6 +160,48 @@ class CommitConnection:
             else:
                 self._inherited.append(raw)  # the parent's: not even garbage-collected
 
+    def begin(self, raw: Any, sleep: Callable[[float], None]) -> None:
+        """BEGIN IMMEDIATE on ``raw``: the write lock, waited for with
+        ``sleep`` up to the busy timeout. sqlite3 errors are raised wrapped
+        as SQLAlchemy's."""
+        con = raw.driver_connection
+        try:
+            if raw.info.get("ckp_own_busy_wait"):
+                begin_immediate(con, sleep)
+            else:
+                con.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            self._rollback(raw)
+            if isinstance(exc, sqlite3.Error):
+                raise sa_exc.DBAPIError.instance("BEGIN IMMEDIATE", None, exc,
+                                                 sqlite3.Error) from exc
+            raise
+
+    @staticmethod
+    def _advance_state(con: Any, scope_id: str, expected_version: int, begin: str,
+                       now: str) -> bool:
+        """The state compare-and-set, the write lock held: False when the
+        scope is no longer at ``expected_version``. Version 0 inserts the
+        row; a row already there fails only that statement (SQLite's ABORT
+        keeps the transaction), and means another writer won."""
+        if con.execute(_COMMIT_STATE, (begin, now, now, scope_id,
+                                       expected_version)).rowcount == 1:
+            return True
+        if expected_version != 0:
+            return False
+        try:
+            con.execute(_INSERT_STATE, (scope_id, begin, now, now, now))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    @staticmethod
+    def _period_values(scope_id: str, period_row: dict) -> tuple:
+        return (scope_id, sqlite_datetime(period_row["begin"]),
+                sqlite_datetime(period_row["end"]), period_row["points"],
+                period_row["price"], sqlite_datetime(period_row["committed_at"]),
+                period_row["worker"])
+
     def commit_period(self, raw: Any, sleep: Callable[[float], None], scope_id: str,
                       expected_version: int, rows: list, period_row: dict,
                       stale: Callable[[], Exception],
@@ -171,33 +213,62 @@ class CommitConnection:
         con = raw.driver_connection
         begin = sqlite_datetime(period_row["begin"])
         now = sqlite_datetime(period_row["committed_at"])
-        statement = "BEGIN IMMEDIATE"
+        self.begin(raw, sleep)
+        statement = _COMMIT_STATE
         try:
-            if raw.info.get("ckp_own_busy_wait"):
-                begin_immediate(con, sleep)
-            else:
-                con.execute(statement)
-            statement = _COMMIT_STATE
-            if con.execute(statement, (begin, now, now, scope_id,
-                                       expected_version)).rowcount != 1:
-                if expected_version != 0:
-                    raise stale()
-                statement = _INSERT_STATE
-                try:
-                    con.execute(statement, (scope_id, begin, now, now, now))
-                except sqlite3.IntegrityError as e:
-                    raise stale() from e
+            if not self._advance_state(con, scope_id, expected_version, begin, now):
+                raise stale()
             if after_state is not None:
                 after_state()
             statement = _INSERT_PERIOD
-            con.execute(statement, (
-                scope_id, begin, sqlite_datetime(period_row["end"]), period_row["points"],
-                period_row["price"], now, period_row["worker"]))
+            con.execute(statement, self._period_values(scope_id, period_row))
             for statement, parameters in insert_batches(rows):
                 con.execute(statement, parameters)
             faults.point("during_commit")  # crash tests: rows in, not committed
             statement = "COMMIT"
             con.execute(statement)
+        except BaseException as exc:
+            self._rollback(raw)
+            if isinstance(exc, sqlite3.Error):
+                raise sa_exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
+            raise
+
+    def commit_periods(self, raw: Any, entries: list[tuple]) -> list[bool]:
+        """commit_periods' transaction on ``raw``, opened by ``begin``:
+        ``entries`` are (scope_id, expected_version, rows, period_row,
+        after_state) of distinct scopes. For each, the state compare-and-set,
+        then, if it held, ``after_state()``; then the period rows and the
+        rated rows of every entry whose compare-and-set held (multi-row
+        INSERTs over all of them), and COMMIT. Returns, per entry, whether
+        its compare-and-set held (an entry refused writes nothing). Any
+        error rolls the whole transaction back and is raised (sqlite3's
+        wrapped as SQLAlchemy's)."""
+        con = raw.driver_connection
+        statement = _COMMIT_STATE
+        try:
+            held: list[bool] = []
+            periods: list[tuple] = []
+            data: list = []
+            for scope_id, expected_version, rows, period_row, after_state in entries:
+                statement = _COMMIT_STATE
+                ok = self._advance_state(
+                    con, scope_id, expected_version, sqlite_datetime(period_row["begin"]),
+                    sqlite_datetime(period_row["committed_at"]))
+                held.append(ok)
+                if not ok:
+                    continue
+                if after_state is not None:
+                    after_state()
+                periods.append(self._period_values(scope_id, period_row))
+                data.extend(rows)
+            statement = _INSERT_PERIOD
+            con.executemany(statement, periods)
+            for statement, parameters in insert_batches(data):
+                con.execute(statement, parameters)
+            faults.point("during_commit")  # crash tests: rows in, not committed
+            statement = "COMMIT"
+            con.execute(statement)
+            return held
         except BaseException as exc:
             self._rollback(raw)
             if isinstance(exc, sqlite3.Error):

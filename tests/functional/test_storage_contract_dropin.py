@@ -13,7 +13,8 @@ from cloudkitty_proc.exceptions import InvalidRequestError
 from cloudkitty_proc.storage import external
 from tests import cloudkitty_db
 from tests.cloudkitty_db import DropinDB
-from tests.storage_contract import PERIOD, StorageContract, at, make_frame, rate
+from tests.storage_contract import (PERIOD, StorageContract, at, fail_point_writes, make_frame,
+                                    rate)
 
 
 class TestDropinStorageContract(StorageContract):
@@ -24,6 +25,9 @@ class TestDropinStorageContract(StorageContract):
         db = DropinDB(db_url)
         yield db.make
         db.close()
+
+    def fail_storing(self, monkeypatch, storage, scope_id) -> None:
+        fail_point_writes(monkeypatch, storage, scope_id)
 
     def small_fetch_batches(self, monkeypatch) -> None:
         monkeypatch.setattr(external, "READ_BATCH", 3)

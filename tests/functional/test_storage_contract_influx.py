@@ -9,7 +9,7 @@ import pytest
 from cloudkitty_proc import utils
 from cloudkitty_proc.storage import external, models
 from cloudkitty_proc.storage.influx import InfluxPointStore, InfluxStorage
-from tests.storage_contract import StorageContract
+from tests.storage_contract import StorageContract, fail_point_writes
 
 
 def influx_storage(sql_url: str, server, database: str, **options) -> InfluxStorage:
@@ -39,6 +39,9 @@ class TestInfluxStorageContract(StorageContract):
         yield make
         for storage in made:
             storage.close()
+
+    def fail_storing(self, monkeypatch, storage, scope_id) -> None:
+        fail_point_writes(monkeypatch, storage, scope_id)
 
     def small_fetch_batches(self, monkeypatch) -> None:
         monkeypatch.setattr(external, "READ_BATCH", 3)

@@ -19,7 +19,7 @@ from cloudkitty_proc.storage.elasticsearch import ElasticsearchPointStore, Elast
 from cloudkitty_proc.storage.opensearch import OpenSearchPointStore, OpenSearchStorage
 from cloudkitty_proc.storage.search_mapping import MAPPING, MAPPING_WITH_KEYWORDS
 from tests.fakes.elasticsearch import FakeSearch
-from tests.storage_contract import StorageContract, at
+from tests.storage_contract import StorageContract, at, fail_point_writes
 
 D = decimal.Decimal
 FLAVOURS = {
@@ -60,6 +60,9 @@ def contract_fixture(flavour: str):
 
 class _SearchContract(StorageContract):
     exact_numbers = False
+
+    def fail_storing(self, monkeypatch, storage, scope_id) -> None:
+        fail_point_writes(monkeypatch, storage, scope_id)
 
     def small_fetch_batches(self, monkeypatch) -> None:
         monkeypatch.setattr(external, "READ_BATCH", 5)

@@ -14,7 +14,10 @@ import datetime
 import decimal
 import multiprocessing
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 import traceback
 
@@ -311,6 +314,131 @@ def test_rows_stored_whole_and_in_order_at_every_batch_boundary(storage, points)
         ids = connection.execute(sa.select(models.rated_data.c.id)
                                  .order_by(models.rated_data.c.id)).scalars().all()
     assert len(ids) == len(set(ids)) == 3 * points + 1
+
+
+# -- batched commits --------------------------------------------------------------
+
+def test_commit_periods_is_one_transaction_with_one_bulk_insert(storage, monkeypatch, caplog):
+    """Stale items included (the version-0 INSERT hitting the key runs in a
+    SAVEPOINT on PostgreSQL/MariaDB): the batch needs no fallback."""
+    storage.commit_period(make_frame("s0", 0, points=1), 0)  # warm up
+    storage.commit_period(make_frame("x", 0, points=1), 0)
+    storage.commit_period(make_frame("y", 0, points=1), 0)
+    items = [(make_frame(f"s{i}", 1 if i == 0 else 0, points=10), 1 if i == 0 else 0)
+             for i in range(5)]
+    items[2:2] = [(make_frame("x", 1, points=4), 0), (make_frame("y", 1, points=4), 7)]
+    calls: list = []
+    begins: list = []
+    inserts: list = []
+
+    def watch(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO RATED_DATA"):
+            inserts.append(statement)
+
+    def begin(conn):
+        begins.append(conn)
+
+    if storage.is_sqlite:
+        spy = _CallSpy(storage._sqlite_writer(), calls)
+        monkeypatch.setattr(storage, "_sqlite_writer", lambda: spy)
+    sa.event.listen(storage.engine, "begin", begin)
+    sa.event.listen(storage.engine, "before_cursor_execute", watch)
+    try:
+        results = storage.commit_periods(items)
+    finally:
+        sa.event.remove(storage.engine, "begin", begin)
+        sa.event.remove(storage.engine, "before_cursor_execute", watch)
+    if storage.is_sqlite:
+        statements = [statement.split(" (")[0] for _kind, statement in calls]
+        assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
+        # the 50 rows of the five scopes: multi-row INSERTs of 32, 16 and 2 rows
+        assert [statement.count("(?, ?, ?, ?, ?, ?, ?, ?, ?)") for _kind, statement in calls
+                if statement.upper().startswith("INSERT INTO RATED_DATA")] == [32, 16, 2]
+    else:
+        assert len(begins) == 1
+        assert len(inserts) == 1
+    assert results[:2] + results[4:] == [2, 1, 1, 1, 1]
+    assert all(isinstance(r, StaleStateError) for r in results[2:4]), results
+    assert "one by one" not in caplog.text
+    assert [count(storage, models.rated_data, f"s{i}") for i in range(5)] == [11] + [10] * 4
+    assert snapshot(storage, "x")[1:] == snapshot(storage, "y")[1:] == (1, 1)
+
+
+def test_commit_periods_a_database_error_on_one_item_fails_it_alone(storage, caplog):
+    """A period already stored (a caller committing out of order) fails the
+    batch's transaction on its key: the batch is rolled back, then
+    committed item by item, so that item alone fails."""
+    for scope in ("a", "b"):
+        storage.commit_period(make_frame(scope, 0, points=1), 0)
+        storage.commit_period(make_frame(scope, 1, points=1), 1)
+    before = snapshot(storage, "b")
+    results = storage.commit_periods([(make_frame("a", 2, points=3), 2),
+                                      (make_frame("b", 0, points=3), 2),  # period 0 again
+                                      (make_frame("c", 0, points=3), 0)])
+    assert results[0] == 3 and results[2] == 1
+    assert isinstance(results[1], sa_exc.IntegrityError), results
+    assert snapshot(storage, "b") == before
+    assert (storage.get_state("a").version, count(storage, models.rated_data, "a")) == (3, 5)
+    assert count(storage, models.rated_period, "c") == 1
+    assert "batched commit of 3 scopes failed" in caplog.text
+    assert "committing them one by one" in caplog.text
+
+
+def test_commit_periods_without_the_write_lock_fails_every_item_once(sqlite_url, monkeypatch):
+    """SQLite: the write lock not obtained within the busy timeout fails
+    every item with that error, after one wait (not one per item)."""
+    import sqlite3
+
+    storage = SQLStorage(url=sqlite_url)
+    storage.upgrade()
+    storage.commit_period(make_frame("a", 0, points=1), 0)
+    other = sqlite3.connect(sa.make_url(sqlite_url).database, timeout=0,
+                            isolation_level=None)
+    monkeypatch.setattr(sql_engines, "SQLITE_BUSY_TIMEOUT", 0.2)
+    pauses: list = []
+    storage.sleep = lambda seconds: (pauses.append(seconds), time.sleep(seconds))
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        results = storage.commit_periods([(make_frame("a", 1, points=1), 1),
+                                          (make_frame("b", 0, points=1), 0)])
+        assert sum(pauses) < 0.2 + 0.05  # one wait for both items
+        other.execute("COMMIT")
+        assert all(isinstance(r, sa.exc.OperationalError) and "locked" in str(r)
+                   for r in results), results
+        assert results[0] is results[1]
+        assert storage.get_state("a").version == 1 and storage.get_state("b").version == 0
+        assert storage.commit_periods([(make_frame("a", 1, points=1), 1),
+                                       (make_frame("b", 0, points=1), 0)]) == [2, 1]
+    finally:
+        other.close()
+        storage.close()
+
+
+_BATCH_CRASH = """
+import sys
+from cloudkitty_proc.storage.sql import SQLStorage
+from tests.storage_contract import make_frame
+storage = SQLStorage(url=sys.argv[1])
+print(storage.commit_periods([(make_frame("a", 1, points=3), 1),
+                              (make_frame("b", 0, points=3), 0),
+                              (make_frame("c", 0, points=70), 0)]))
+"""
+
+
+def test_commit_periods_killed_during_commit_leaves_nothing(storage, db_url):
+    """A process killed at ``during_commit`` (every row of the batch
+    inserted, not committed) leaves nothing of any item."""
+    storage.commit_period(make_frame("a", 0, points=2), 0)
+    before = {s: snapshot(storage, s) for s in "abc"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, CKP_FAULTS="during_commit:1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", _BATCH_CRASH, db_url], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert {s: snapshot(storage, s) for s in "abc"} == before
+    assert storage.commit_periods([(make_frame("a", 1, points=3), 1),
+                                   (make_frame("b", 0, points=3), 0)]) == [2, 1]
 
 
 # -- SQLite specifics -----------------------------------------------------------
