@@ -669,6 +669,8 @@ def code_version(tree: pathlib.Path = REPO) -> str:
                               capture_output=True, text=True, timeout=10).stdout.strip()
         diff = subprocess.run(["git", "diff", "HEAD", "--", "cloudkitty_proc"], cwd=tree,
                               capture_output=True, timeout=10).stdout
+        if not head:
+            return "unknown (not a git tree)"
         return f"{head}+{zlib.crc32(diff):08x}" if diff else head
     except (OSError, subprocess.SubprocessError):
         return "unknown"
