@@ -6,7 +6,13 @@ It answers the queries of the ``prometheus`` collector::
     <agg>(<agg>_over_time(<metric>{<scope_key>="<scope>"}[3600s])) by (<labels>)
 
 (a ``range_function`` / ``query_function`` around the selector is accepted
-too) with ``--series`` result items per query. Each item carries exactly the
+too) with ``--series`` result items per query; and its batched shape,
+several scopes in one query (``[collect] max_scopes_per_query``)::
+
+    <agg>(<agg>_over_time(<metric>{<scope_key>=~"s1|s2|..."}[3600s])) by (<scope_key>, <labels>)
+
+with ``--series`` items per asked scope, each carrying its scope label, the
+same items as that scope's own query would get. Each item carries exactly the
 ``by (...)`` labels: ``id=r<i>``, the scope label = the scope of the query,
 and plausible values for the other labels (flavor_name, volume_type,
 disk_format, state, user_id, ...). Everything is derived from (metric,
@@ -99,10 +105,13 @@ def _unescape(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def parse_query(query: str) -> tuple[str, str | None, str | None, tuple[str, ...]]:
+def parse_query(query: str) -> tuple[str, str | None, str | None | tuple[str, ...],
+                                      tuple[str, ...]]:
     """(metric, scope label, scope value, by-labels) of a collector query.
 
-    The scope is the first ``label="value"`` matcher of the selector; a bare
+    The scope is the first ``label="value"`` matcher of the selector, or
+    the first ``label=~"a|b|c"`` one (a batched query): then the scope
+    value is the tuple of the alternatives, regex escapes removed. A bare
     ``agg(metric) by (...)`` (the prometheus fetcher) has no scope.
     """
     by = _BY_RE.search(query)
@@ -113,10 +122,23 @@ def parse_query(query: str) -> tuple[str, str | None, str | None, tuple[str, ...
         if bare is None:
             raise QueryError(f"unsupported query: {query}")
         return bare.group("metric"), None, None, labels
-    for m in _MATCHER_RE.finditer(sel.group("matchers")):
+    matchers = list(_MATCHER_RE.finditer(sel.group("matchers")))
+    for m in matchers:
         if m.group("op") == "=":
             return sel.group("metric"), m.group("label"), _unescape(m.group("value")), labels
+    for m in matchers:
+        if m.group("op") == "=~":
+            return (sel.group("metric"), m.group("label"),
+                    _alternatives(_unescape(m.group("value"))), labels)
     return sel.group("metric"), None, None, labels
+
+
+def _alternatives(regex: str) -> tuple[str, ...]:
+    """``a|b\\.c`` -> ``("a", "b.c")``: the literal alternatives of a
+    batched query's scope matcher (split on unescaped ``|``, escapes
+    dropped)."""
+    parts = re.split(r"(?<!\\)\|", regex)
+    return tuple(re.sub(r"\\(.)", r"\1", part) for part in parts)
 
 
 def parse_time(value: str | None) -> float:
@@ -268,9 +290,12 @@ class ReplyGenerator:
             items = ['{"metric":' + json.dumps({key: s}) + f',"value":[{tstext},"1"]}}'
                      for s in self.scopes]
         else:
-            prefixes = self._prefixes(metric, labels, scope_label, scope, self.series)
-            values = series_values(metric, scope, self.series, ts)
-            items = [f'{p}{tstext},"{v}"]}}' for p, v in zip(prefixes, values)]
+            items = []
+            # a batched query: each asked scope's series, as its own query
+            for one in (scope if isinstance(scope, tuple) else (scope,)):
+                prefixes = self._prefixes(metric, labels, scope_label, one, self.series)
+                values = series_values(metric, one, self.series, ts)
+                items += [f'{p}{tstext},"{v}"]}}' for p, v in zip(prefixes, values)]
         return ('{"status":"success","data":{"resultType":"vector","result":['
                 + ",".join(items) + "]}}").encode(), len(items)
 
@@ -804,10 +829,12 @@ TRACE_MAX = 2_000_000
 
 
 def _scope_of(query: str | None) -> str | None:
+    """The scope of a query for the trace (a batched query's first one)."""
     try:
-        return parse_query(query or "")[2]
+        scope = parse_query(query or "")[2]
     except QueryError:
         return None
+    return scope[0] if isinstance(scope, tuple) else scope
 
 
 def _print_stats_every(server: FakePrometheus, interval: float) -> None:

@@ -10,7 +10,17 @@ name  scopes  periods  metrics  series  latency
 W1        20       24        5      10    20 ms   pool usage (latency bound)
 W2        20       24        5     200     0 ms   CPU path (datapoints/s)
 W3    10,000        2        5       2     0 ms   memory (RSS growth)
+W1r       20       24        5      10     real   a real Prometheus, per-scope load
+W4r    1,000        6        5       2     real   a real Prometheus, many scopes
 ====  ======  =======  =======  ======  =======
+
+With ``--prometheus real`` (the default for W1r and W4r) the collector asks
+a real Prometheus server (``/usr/bin/prometheus``, 2.x) holding the
+workload's samples, backfilled once per spec with ``promtool`` and cached
+(``real_prometheus.py``); after the daemon, a minimal client sends the same
+queries as fast as it can over as many connections as the daemon has
+queries in flight: its scope-periods/s is the bound the daemon is compared
+to, and Prometheus' own CPU per scope-period is printed for both.
 
 One run: start the fake Prometheus (a subprocess by default, so that its CPU
 is not the daemon's), write a config (prometheus collector, ``source``
@@ -50,6 +60,10 @@ Examples::
         # the influxdb backend (a private influxd, tests/influxdb_server.py;
         # states in SQLite), then the same run on the sql backend: the ratio,
         # and InfluxDB's HTTP requests per period
+    python benchmarks/run_catchup.py --workload W1r --repeat 2      # real Prometheus
+    python benchmarks/run_catchup.py --workload W4r --workers 2 --max-scopes-per-query 200
+    python benchmarks/run_catchup.py --workload W4r --code /tmp/base --compress
+        # the daemon from another tree (git worktree add /tmp/base <commit>)
 """
 
 from __future__ import annotations
@@ -63,6 +77,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import resource
 import shutil
 import signal
@@ -83,6 +98,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import fake_prometheus  # noqa: E402
+import real_prometheus  # noqa: E402
 
 try:
     import psutil
@@ -96,7 +112,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "W1": {"scopes": 20, "periods": 24, "series": 10, "latency_ms": 20.0},
     "W2": {"scopes": 20, "periods": 24, "series": 200, "latency_ms": 0.0},
     "W3": {"scopes": 10_000, "periods": 2, "series": 2, "latency_ms": 0.0},
+    # real Prometheus (--prometheus real is their default)
+    "W1r": {"scopes": 20, "periods": 24, "series": 10, "latency_ms": 0.0},
+    "W4r": {"scopes": 1_000, "periods": 6, "series": 2, "latency_ms": 0.0},
 }
+REAL_WORKLOADS = {"W1r", "W4r"}
 
 # The 5 metrics of etc/cloudkitty-proc/metrics.yml (copied: the benchmark
 # must not change when the sample does).
@@ -227,6 +247,18 @@ class RunSpec:
     log_level: str = "INFO"
     extra_conf: str = ""
     storage: str = "sql"
+    #: "fake" (fake_prometheus.py) or "real" (a Prometheus server)
+    prometheus: str = "fake"
+    #: options written only when given (an older tree lacks them)
+    max_scopes_per_query: int | None = None
+    lease_partitions: int | None = None
+    compress: bool = False
+    #: run the daemon from this source tree (PYTHONPATH and cwd)
+    code: str | None = None
+    #: real mode: seconds between two samples of a series
+    sample_interval: int = 300
+    #: real mode: run the bound client after the daemon
+    bound_client: bool = True
 
     @property
     def metrics(self) -> int:
@@ -245,6 +277,16 @@ class RunSpec:
         extra = f" la={self.lookahead}" if self.lookahead else ""
         if self.storage != "sql":
             extra += f" {self.storage}"
+        if self.prometheus != "fake":
+            extra += f" prom={self.prometheus}"
+        if self.max_scopes_per_query is not None:
+            extra += f" q={self.max_scopes_per_query}"
+        if self.lease_partitions is not None:
+            extra += f" lp={self.lease_partitions}"
+        if self.compress:
+            extra += " gzip"
+        if self.code:
+            extra += f" code={os.path.basename(os.path.normpath(self.code))}"
         return (f"{self.workload} {self.scopes}x{self.periods}x{self.metrics}x{self.series} "
                 f"{self.latency_ms:g}ms w={self.workers} {self.executor} "
                 f"G={self.greenthreads}{extra}")
@@ -326,6 +368,109 @@ class ServerHandle:
                 self.proc.communicate()
 
 
+class RealServerHandle:
+    """A real Prometheus on the workload's cached data (``--prometheus
+    real``): the data directory is locked for the run (Prometheus runs on it
+    directly), backfilled first if missing; then the server is started,
+    ready, past any pending compaction, and every hour is checked to hold
+    all its samples. The counters the fake server keeps are not available:
+    the window starts at the first worker's "started" log line, and
+    ``queries`` is Prometheus' own /api/v1/query request counter."""
+
+    def __init__(self, spec: RunSpec, args: argparse.Namespace, workdir: pathlib.Path) -> None:
+        root = real_prometheus.cache_root(args.workdir)
+        key = real_prometheus.data_key(spec.scopes, spec.periods, spec.series,
+                                       spec.sample_interval, BEGIN.timestamp())
+        self._lock = contextlib.ExitStack()
+        self.prom: real_prometheus.RealPrometheus | None = None
+        try:
+            self._lock.enter_context(real_prometheus.locked(root / f"{key}.lock"))
+            t0 = time.monotonic()
+            self.data = real_prometheus.ensure_data(
+                root, key, metrics=bound_metrics(), scope_key=SCOPE_KEY,
+                scopes=scope_names(spec.scopes), begin=BEGIN.timestamp(),
+                periods=spec.periods, series=spec.series, interval=spec.sample_interval)
+            self.prom = real_prometheus.RealPrometheus(self.data, workdir).start()
+            self.prom.wait_ready()
+            self.prom.wait_compaction()
+            self.prom.verify([m[0] for m in METRICS], BEGIN.timestamp(), spec.periods,
+                             spec.scopes * spec.metrics * spec.series,
+                             3600 // spec.sample_interval)
+            self.setup_s = time.monotonic() - t0
+        except BaseException:
+            self.stop()
+            raise
+        self.url = self.prom.url
+        self.pid = self.prom.pid
+        self.compaction = self.prom.compaction
+        self._requests0 = self.prom.query_requests()
+
+    def stats(self) -> dict:
+        n = self.prom.query_requests()
+        return {"queries": (n - self._requests0) if n is not None else None,
+                "max_active": None, "busy_seconds": None, "first_query_at": None}
+
+    def trace(self) -> list:
+        return []
+
+    def cpu_seconds(self) -> float | None:
+        return self.prom.cpu_seconds() if self.prom is not None else None
+
+    def stop(self) -> None:
+        if self.prom is not None:
+            self.prom.stop()
+        self._lock.close()
+
+
+def bound_metrics() -> list[tuple[str, str, list[str]]]:
+    """(metric, aggregation, ``by`` labels in the daemon's order) of the
+    five metrics."""
+    return [(m, agg, list(dict.fromkeys([*gb, SCOPE_KEY, *md])))
+            for m, _u, _unit, gb, md, agg in METRICS]
+
+
+#: a worker's "started" line in daemon.log (oslo.log's default format)
+_STARTED_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) .*\bworker \S+ started \(")
+
+
+def first_worker_start(log: pathlib.Path) -> float | None:
+    """time.time() of the first worker's "worker ... started" log line
+    (local time, as logging writes it), or None."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    times = []
+    for line in text.splitlines():
+        m = _STARTED_RE.match(line)
+        if m:
+            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+            times.append(t + int(m.group(2)) / 1000)
+    return min(times) if times else None
+
+
+def run_bound_client(spec: RunSpec, server: RealServerHandle) -> dict:
+    """The bound: the daemon's queries from a minimal client (one process
+    per worker, max_threads keep-alive connections each), as fast as it
+    can; Prometheus' CPU over it."""
+    per_query = spec.max_scopes_per_query or 1
+    scopes = scope_names(spec.scopes)
+    shares = [scopes[i::spec.workers] for i in range(spec.workers)]
+    per_worker = [real_prometheus.worker_queries(bound_metrics(), SCOPE_KEY, share,
+                                                 BEGIN.timestamp(), spec.periods, per_query)
+                  for share in shares]
+    cpu0 = server.cpu_seconds()
+    b = real_prometheus.run_bound(server.url, per_worker, spec.greenthreads, spec.compress)
+    cpu1 = server.cpu_seconds()
+    sp = b["scope_queries"] / spec.metrics
+    b.update(scope_periods=sp, per_query=per_query,
+             scope_periods_per_s=sp / b["elapsed_s"] if b["elapsed_s"] else None,
+             prom_cpu_s=(cpu1 - cpu0) if cpu0 is not None else None)
+    b["prom_cpu_ms_per_scope_period"] = (b["prom_cpu_s"] / sp * 1000
+                                         if b["prom_cpu_s"] is not None and sp else None)
+    return b
+
+
 # ---------------------------------------------------------------------------
 # Config and commands
 # ---------------------------------------------------------------------------
@@ -343,6 +488,8 @@ def write_config(spec: RunSpec, workdir: pathlib.Path, prom_url: str) -> pathlib
         orch.append(f"lookahead_periods = {spec.lookahead}")
     if spec.max_periods_per_lock:
         orch.append(f"max_periods_per_lock = {spec.max_periods_per_lock}")
+    if spec.lease_partitions is not None:
+        orch.append(f"lease_partitions = {spec.lease_partitions}")
     text = "\n".join([
         "[DEFAULT]",
         f"state_path = {state}",
@@ -353,6 +500,8 @@ def write_config(spec: RunSpec, workdir: pathlib.Path, prom_url: str) -> pathlib
         "urllib3=WARN,requests=WARN,cotyledon=INFO,alembic=WARN,sqlalchemy=WARN",
         "[orchestrator]", *orch,
         "[collect]",
+        *([f"max_scopes_per_query = {spec.max_scopes_per_query}"]
+          if spec.max_scopes_per_query is not None else []),
         "collector = prometheus",
         "period = 3600",
         "wait_periods = 1",
@@ -363,6 +512,7 @@ def write_config(spec: RunSpec, workdir: pathlib.Path, prom_url: str) -> pathlib
         "[collector_prometheus]",
         f"prometheus_url = {prom_url}",
         "timeout = 60",
+        *(["compress_replies = true"] if spec.compress else []),
         "[fetcher]",
         "backend = source",
         "[fetcher_source]",
@@ -380,10 +530,17 @@ def write_config(spec: RunSpec, workdir: pathlib.Path, prom_url: str) -> pathlib
     return path
 
 
-def _env() -> dict:
+def code_dir(spec: RunSpec) -> pathlib.Path:
+    """The source tree the daemon runs from (``--code``, else this one)."""
+    return pathlib.Path(spec.code).resolve() if spec.code else REPO
+
+
+def _env(spec: RunSpec) -> dict:
+    # ``python -m`` puts its working directory first on sys.path: the
+    # commands also run with cwd = this tree
     env = dict(os.environ)
     env.pop("CKP_FAULTS", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(code_dir(spec)) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -395,7 +552,8 @@ def db_url_of(spec: RunSpec, workdir: pathlib.Path) -> str:
 def prepare_db(spec: RunSpec, conf: pathlib.Path, workdir: pathlib.Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cloudkitty_proc.cli.manage", "--config-file", str(conf),
-         "db", "upgrade"], capture_output=True, text=True, env=_env(), cwd=REPO)
+         "db", "upgrade"], capture_output=True, text=True, env=_env(spec),
+        cwd=code_dir(spec))
     if proc.returncode != 0:
         raise RuntimeError(f"db upgrade failed:\n{proc.stdout}\n{proc.stderr}")
     if spec.db:  # a shared server database: start from empty tables
@@ -503,14 +661,16 @@ def cpu_reference() -> float:
     return best * 1000
 
 
-def code_version() -> str:
+def code_version(tree: pathlib.Path = REPO) -> str:
     """HEAD plus a hash of the uncommitted changes under cloudkitty_proc/
     (read-only git commands), so a figure can be tied to the code it ran."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree,
                               capture_output=True, text=True, timeout=10).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD", "--", "cloudkitty_proc"], cwd=REPO,
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "cloudkitty_proc"], cwd=tree,
                               capture_output=True, timeout=10).stdout
+        if not head:
+            return "unknown (not a git tree)"
         return f"{head}+{zlib.crc32(diff):08x}" if diff else head
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -536,10 +696,19 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="ckp-bench-", dir=base))
-    server = ServerHandle(args.server, spec.latency_ms, spec.series)
+    real = spec.prometheus == "real"
+    if real:
+        server = RealServerHandle(spec, args, workdir)
+    else:
+        server = ServerHandle(args.server, spec.latency_ms, spec.series)
     result: dict[str, Any] = {"spec": spec.__dict__ | {"label": spec.label},
-                              "workdir": str(workdir), "code": code_version(),
+                              "workdir": str(workdir), "code": code_version(code_dir(spec)),
                               "cpu_ref_ms": cpu_reference()}
+    if real:
+        result["prometheus"] = {"setup_s": server.setup_s, "compaction": server.compaction,
+                                "data": str(server.data)}
+    #: (time.time(), Prometheus CPU seconds), sampled with the workers
+    prom_cpu: list[tuple[float, float]] = []
     profiler: subprocess.Popen | None = None
     influx = getattr(args, "influx_server", None) if spec.storage == "influxdb" else None
     try:
@@ -565,7 +734,8 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
         m0 = time.monotonic()
         daemon = psutil.Popen(
             [sys.executable, "-m", "cloudkitty_proc.cli.daemon", "--config-file", str(conf),
-             "--oneshot"], stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+             "--oneshot"], stdout=out, stderr=subprocess.STDOUT, env=_env(spec),
+            cwd=code_dir(spec))
         tracks: dict[int, ProcTrack] = {}
         master = ProcTrack(daemon.pid, "master", time.time())
         ten_pct = max(1, spec.total_periods // 10)
@@ -606,6 +776,10 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
                         tr.peak_rss = max(tr.peak_rss, rss)
                     except psutil.Error:
                         pass
+                if real:
+                    c = server.cpu_seconds()
+                    if c is not None:
+                        prom_cpu.append((now, c))
                 if now - last_progress >= 0.5:
                     last_progress = now
                     done = progress.committed()
@@ -670,6 +844,9 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
         result["cpu_tree"] = ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime))
         result["server_cpu"] = (srv_cpu1 - srv_cpu0) if srv_cpu0 is not None else None
         first_q = srv.get("first_query_at")
+        if real:
+            first_q = first_worker_start(workdir / "daemon.log")
+            srv["first_query_at"] = first_q
         last_c = db["last_commit"]
         window = (last_c - first_q) if (first_q and last_c) else None
         result["window"] = window
@@ -703,6 +880,18 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict:
                 "peak_10": tr.at10[2] if tr.at10 else None,
             })
         result["workers"] = wk
+        if real:
+            # Prometheus' CPU over the window: the last sample before its
+            # start to the first one after its end (it idles outside)
+            pw = None
+            if first_q and last_c and prom_cpu:
+                before = [c for t, c in prom_cpu if t <= first_q] or [prom_cpu[0][1]]
+                after = [c for t, c in prom_cpu if t >= last_c] or [prom_cpu[-1][1]]
+                pw = after[0] - before[-1]
+            result["prometheus"]["cpu_window_s"] = pw
+            if spec.bound_client and rc == 0:
+                print("  bound client ...", flush=True)
+                result["bound"] = run_bound_client(spec, server)
         result["master"] = {"peak_rss": master.peak_rss,
                             "cpu": master.samples[-1][3] if master.samples else None}
         tail = (workdir / "daemon.out").read_text().strip().splitlines()
@@ -1170,7 +1359,8 @@ def summarize(r: dict, spec: RunSpec) -> dict:
         "cpu_tree_s": r["cpu_tree"],
         "cpu_workers_window_s": sum(w["cpu_window"] for w in r["workers"]),
         "queries": srv["queries"], "max_inflight": srv["max_active"],
-        "mean_inflight": (srv["busy_seconds"] / window) if window else None,
+        "mean_inflight": ((srv["busy_seconds"] / window)
+                          if window and srv["busy_seconds"] is not None else None),
         "server_cpu_s": r["server_cpu"], "per_worker_periods": db["per_worker"],
         "worker_commits": db["worker_commits"],
         "code": r.get("code"), "stalled": r.get("stalled"),
@@ -1180,6 +1370,16 @@ def summarize(r: dict, spec: RunSpec) -> dict:
     s["cpu_ms_per_period_worker"] = (s["cpu_workers_window_s"] / periods * 1000
                                      if periods else None)
     bound = spec.bound()
+    s["prometheus"] = spec.prometheus
+    if spec.prometheus == "real":
+        prom, b = r.get("prometheus") or {}, r.get("bound")
+        pw = prom.get("cpu_window_s")
+        s["prom_cpu_window_s"] = pw
+        s["prom_cpu_ms_per_period"] = pw / periods * 1000 if pw is not None and periods else None
+        s["prom_setup_s"] = prom.get("setup_s")
+        s["prom_compaction"] = prom.get("compaction")
+        s["bound"] = b
+        bound = b["scope_periods_per_s"] if b else None
     s["bound_periods_per_s"] = bound
     s["ratio_to_bound"] = (s["periods_per_s"] / bound) if (bound and s["periods_per_s"]) else None
     s["workers"] = [{
@@ -1216,13 +1416,16 @@ def print_run(s: dict, r: dict, spec: RunSpec) -> None:
               "json/Decimal mix, best of 3; lower = faster machine right now)")
     print(f"  periods        {s['periods']:,} committed ({s['expected_periods']:,} expected), "
           f"{s['points']:,} rated datapoints stored")
+    start = ("first worker started" if s.get("prometheus") == "real" else "first query")
     print(f"  wall           {s['wall_s']:.2f} s whole command; processing window "
-          f"(first query -> last commit) {fmt(s['window_s'], '.2f')} s")
+          f"({start} -> last commit) {fmt(s['window_s'], '.2f')} s")
     print(f"  periods/s      {fmt(s['periods_per_s'])} (window)   "
           f"{fmt(s['periods_per_s_wall'])} (wall)")
     print(f"  datapoints/s   {fmt(s['points_per_s'], ',.0f')} (window)   "
           f"{fmt(s['points_per_s_wall'], ',.0f')} (wall)")
-    if s["bound_periods_per_s"]:
+    if s.get("prometheus") == "real":
+        print_real(s, spec)
+    elif s["bound_periods_per_s"]:
         print(f"  latency bound  {s['bound_periods_per_s']:,.1f} periods/s "
               f"(= {spec.greenthreads} / ({spec.metrics} x {spec.latency_ms:g} ms) x "
               f"{spec.workers} worker(s)); ratio "
@@ -1231,9 +1434,14 @@ def print_run(s: dict, r: dict, spec: RunSpec) -> None:
           f"({fmt(s['cpu_ms_per_period_tree'], '.2f')} ms/period incl. startup); workers "
           f"in window {s['cpu_workers_window_s']:.2f} s "
           f"({fmt(s['cpu_ms_per_period_worker'], '.2f')} ms/period)")
-    print(f"  queries        {s['queries']:,} served; in flight max {s['max_inflight']}, "
-          f"mean {fmt(s['mean_inflight'], '.1f')} (pool size {spec.greenthreads} x "
-          f"{spec.workers}); fake server CPU {fmt(s['server_cpu_s'], '.2f')} s")
+    if s.get("prometheus") == "real":
+        print(f"  queries        {fmt(s['queries'], ',.0f')} answered by Prometheus "
+              f"(its /api/v1/query counter); its CPU over the whole run "
+              f"{fmt(s['server_cpu_s'], '.2f')} s")
+    else:
+        print(f"  queries        {s['queries']:,} served; in flight max {s['max_inflight']}, "
+              f"mean {fmt(s['mean_inflight'], '.1f')} (pool size {spec.greenthreads} x "
+              f"{spec.workers}); fake server CPU {fmt(s['server_cpu_s'], '.2f')} s")
     if len(s["per_worker_periods"]) > 1:
         print("  per worker     " + ", ".join(f"{k}: {v}" for k, v in
                                               sorted(s["per_worker_periods"].items())))
@@ -1264,6 +1472,32 @@ def print_run(s: dict, r: dict, spec: RunSpec) -> None:
     prof = r.get("profile")
     if prof:
         print_profile(prof)
+
+
+def print_real(s: dict, spec: RunSpec) -> None:
+    """The real-Prometheus figures of a run: Prometheus' CPU, the bound."""
+    periods = s["periods"] or 0
+    comp = s.get("prom_compaction") or {}
+    print(f"  prometheus     ready and verified in {fmt(s.get('prom_setup_s'), '.1f')} s "
+          f"({fmt(comp.get('blocks_at_start'), 'g')} block(s) loaded"
+          + (f", waited {comp['waited_s']} s for the first compaction" if comp.get("waited_s")
+             else "") + ")")
+    print(f"  CPU per scope-period  workers {fmt(s['cpu_ms_per_period_worker'], '.2f')} ms, "
+          f"Prometheus {fmt(s.get('prom_cpu_ms_per_period'), '.2f')} ms "
+          f"({fmt(s.get('prom_cpu_window_s'), '.2f')} s in the window, {periods:,} scope-periods)")
+    b = s.get("bound")
+    if not b:
+        print("  bound          not measured")
+        return
+    shape = "per scope" if b["per_query"] == 1 else f"batches of {b['per_query']} scopes"
+    print(f"  bound          {fmt(b['scope_periods_per_s'])} scope-periods/s: a minimal client, "
+          f"{spec.workers} process(es) x {spec.greenthreads} keep-alive connections, "
+          f"{b['queries']:,} queries ({shape}, {'gzip' if spec.compress else 'identity'}), "
+          f"{b['elapsed_s']:.2f} s, {b['bytes'] / 1e6:.1f} MB read, {b['series']:,} series"
+          + (f", {b['errors']} errors" if b["errors"] else ""))
+    print(f"                 Prometheus CPU under it {fmt(b['prom_cpu_ms_per_scope_period'], '.2f')} "
+          f"ms per scope-period; daemon / bound = "
+          f"{fmt(s['ratio_to_bound'] and s['ratio_to_bound'] * 100, '.1f')} %")
 
 
 def print_profile(prof: dict) -> None:
@@ -1322,7 +1556,7 @@ def print_table(rows: list[dict]) -> None:
     print("\n=== summary ===")
     head = (f"{'run':<48} {'periods/s':>9} {'%bound':>7} {'dp/s':>9} {'wall s':>7} "
             f"{'window s':>8} {'CPU s':>7} {'ms/per':>7} {'inflight':>9} {'RSS MB':>7} "
-            f"{'end/10%':>7} ok {'cpu ref':>7}")
+            f"{'end/10%':>7} ok {'cpu ref':>7} {'prom ms':>7}")
     print(head)
     for s in rows:
         ok = (s["rc"] == 0 and s["periods"] == s["expected_periods"]
@@ -1334,9 +1568,10 @@ def print_table(rows: list[dict]) -> None:
               f"{fmt(s['points_per_s'], ',.0f'):>9} {s['wall_s']:>7.2f} "
               f"{fmt(s['window_s'], '.2f'):>8} {s['cpu_tree_s']:>7.2f} "
               f"{fmt(s['cpu_ms_per_period_worker'], '.2f'):>7} "
-              f"{s['max_inflight']:>4}/{fmt(s['mean_inflight'], '.1f'):>4} "
+              f"{fmt(s['max_inflight'], 'd'):>4}/{fmt(s['mean_inflight'], '.1f'):>4} "
               f"{fmt(rss):>7} {fmt(growth, '.3f'):>7} {'yes' if ok else 'NO ':<3}"
-              f"{fmt(s.get('cpu_ref_ms'), '.1f'):>7}")
+              f"{fmt(s.get('cpu_ref_ms'), '.1f'):>7} "
+              f"{fmt(s.get('prom_cpu_ms_per_period'), '.2f'):>7}")
 
 
 # ---------------------------------------------------------------------------
@@ -1352,7 +1587,13 @@ def spec_from_args(args: argparse.Namespace, **over) -> RunSpec:
     kw = dict(workload=args.workload, workers=args.workers, greenthreads=args.greenthreads,
               executor=args.executor, lookahead=args.lookahead,
               max_periods_per_lock=args.max_periods_per_lock, db=args.db,
-              log_level=args.log_level, storage=args.storage, **w)
+              log_level=args.log_level, storage=args.storage,
+              prometheus=args.prometheus or ("real" if args.workload in REAL_WORKLOADS
+                                             else "fake"),
+              max_scopes_per_query=args.max_scopes_per_query,
+              lease_partitions=args.lease_partitions, compress=args.compress,
+              code=args.code, sample_interval=args.sample_interval,
+              bound_client=args.bound, **w)
     kw.update(over)
     return RunSpec(**kw)
 
@@ -1379,6 +1620,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", choices=("sql", "influxdb"), default="sql",
                     help="[storage] backend; influxdb starts a private influxd "
                     "(tests/influxdb_server.py) and runs each spec on sql too, for the ratio")
+    ap.add_argument("--prometheus", choices=("fake", "real"),
+                    help="fake: benchmarks/fake_prometheus.py (default, except for W1r and "
+                    "W4r); real: a Prometheus server on the workload's backfilled samples "
+                    "(cached under --workdir/bench-prom or ~/.cache/cloudkitty-proc/bench-prom), "
+                    "then the bound client")
+    ap.add_argument("--sample-interval", type=int, default=300,
+                    help="real mode: seconds between two samples of a series (divides 3600)")
+    ap.add_argument("--no-bound", dest="bound", action="store_false", default=True,
+                    help="real mode: skip the bound client")
+    ap.add_argument("--max-scopes-per-query", type=int,
+                    help="[collect] max_scopes_per_query (default: not written, the "
+                    "daemon's default); the bound client uses the same query shape")
+    ap.add_argument("--lease-partitions", type=int,
+                    help="[orchestrator] lease_partitions (default: not written)")
+    ap.add_argument("--compress", action="store_true",
+                    help="[collector_prometheus] compress_replies = true (default: not "
+                    "written); the bound client asks for gzip too")
+    ap.add_argument("--code", help="run the daemon from this source tree (PYTHONPATH and "
+                    "working directory), e.g. a `git worktree add /tmp/base <commit>`")
     ap.add_argument("--log-level", default="INFO",
                     help="level of the cloudkitty_proc loggers (INFO logs each commit)")
     ap.add_argument("--server", choices=("subprocess", "inproc"), default="subprocess",
@@ -1413,6 +1673,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(py-spy), stop the daemon and keep its work directory (0: never)")
     ap.add_argument("--json", help="append one JSON line per run to this file")
     args = ap.parse_args(argv)
+    if args.sample_interval <= 0 or 3600 % args.sample_interval:
+        ap.error("--sample-interval must divide 3600")
+    if args.code and not (pathlib.Path(args.code) / "cloudkitty_proc").is_dir():
+        ap.error(f"--code {args.code}: no cloudkitty_proc/ there")
 
     specs: list[RunSpec] = []
     if args.suite:
