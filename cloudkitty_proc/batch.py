@@ -254,7 +254,7 @@ class BatchRun:
             return
         faults.point("before_commit")
         try:
-            outcomes = _commit_periods(self.storage, items, self.worker)
+            outcomes = self.storage.commit_periods(items, worker=self.worker)
         except Exception as exc:  # noqa: BLE001 - the storage failed as a whole
             outcomes = [exc] * len(items)
         elapsed = time.monotonic() - t0
@@ -300,15 +300,3 @@ def _drain(handles: list) -> None:
                 _drain_one(h)
 
 
-
-def _commit_periods(storage, items, worker):  # TEMPORARY until storage.commit_periods lands
-    fn = getattr(storage, "commit_periods", None)
-    if fn is not None:
-        return fn(items, worker=worker)
-    out = []
-    for frame, version in items:
-        try:
-            out.append(storage.commit_period(frame, version, worker=worker))
-        except Exception as exc:  # noqa: BLE001
-            out.append(exc)
-    return out

@@ -24,11 +24,15 @@ harmless, as with one lock per scope.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 from cloudkitty_proc import leases
 from cloudkitty_proc.batch import BatchRun
 from cloudkitty_proc.log import mask_url
 from cloudkitty_proc.pipeline import ScopeResult
+
+if TYPE_CHECKING:  # annotations only
+    from cloudkitty_proc.worker import PassResult
 
 
 class BatchedPasses:
