@@ -174,7 +174,7 @@ def test_bad_max_workers_on_sighup_during_oneshot_still_ends_it(tmp_path):
     """max_workers = -1 on SIGHUP killed --oneshot's watcher: it never ended."""
     from tooz import coordination
 
-    from cloudkitty_proc.leases import lock_name
+    from cloudkitty_proc.leases import partition_lock_name, partition_of
 
     ds = datagen.generate(n_scopes=3, hours=3)
     conf = _prepare(tmp_path, f"sqlite:///{tmp_path}/ckp.sqlite", ds, workers=2)
@@ -182,13 +182,17 @@ def test_bad_max_workers_on_sighup_during_oneshot_still_ends_it(tmp_path):
     coord = coordination.get_coordinator(f"file://{tmp_path}/state/locks",
                                          uuid.uuid4().hex.encode())
     coord.start(start_heart=True)
-    lock = coord.get_lock(lock_name(held))
+    # the lease the daemon takes for it: its partition's (default count)
+    partitions = 64
+    lock = coord.get_lock(partition_lock_name(partition_of(held, partitions), partitions))
     assert lock.acquire(blocking=False)
     log = tmp_path / "daemon.log"
     proc = daemon.start_daemon(conf, log=log, extra_args=("--oneshot",))
     released = False
     try:
-        others = set(ds.scopes[1:])
+        others = {s for s in ds.scopes[1:]
+                  if partition_of(s, partitions) != partition_of(held, partitions)}
+        assert others
         daemon.wait_until(lambda: {s["scope_id"] for s in daemon.status(conf)["scopes"]
                                    if s["last_processed"]} >= others, timeout=60,
                           what="the scopes not held rated")
