@@ -266,6 +266,6 @@ def test_collector_compress_replies_sets_accept_encoding(tmp_path, compress, hea
     finally:
         coll.close()
     client = gnocchi_client.GnocchiClient(
-        gnocchi_client.GnocchiAuth("http://127.0.0.1:9", lambda: {}, lambda: None),
+        gnocchi_client.GnocchiAuth("http://127.0.0.1:9", dict, lambda: None),
         group="fetcher_gnocchi", green=False, timeout=1, size=1, cafile=None, insecure=False)
     assert client.transport().headers["Accept-Encoding"] == "gzip"
