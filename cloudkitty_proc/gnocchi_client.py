@@ -203,12 +203,13 @@ class GnocchiClient:
     threads, as its transport is)."""
 
     def __init__(self, auth: GnocchiAuth, *, group: str, green: bool, timeout: float | None,
-                 size: int, cafile: str | None, insecure: bool) -> None:
+                 size: int, cafile: str | None, insecure: bool,
+                 compress: bool = True) -> None:
         self.auth = auth
         self.timeout = timeout or DEFAULT_TIMEOUT
         self._group = group
         self._transport_args = dict(green=green, timeout=self.timeout, size=size,
-                                    cafile=cafile, insecure=insecure,
+                                    cafile=cafile, insecure=insecure, compress=compress,
                                     headers={"Content-Type": "application/json"})
         self._http: http.Transport | None = None
         if auth.endpoint or auth.resolve is None:

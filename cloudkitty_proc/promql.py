@@ -3,7 +3,9 @@
 Not a plugin: plugins never import each other, so what both need lives
 here.
 
-* :func:`build_query` writes CloudKitty's query for a metric definition.
+* :func:`build_query` writes CloudKitty's query for a metric definition;
+  :func:`build_batch_query` the same query for several scopes at once
+  (where :func:`batchable` allows it).
 * :data:`OVER_TIME`, :data:`AGGREGATE` and :data:`QUERY_FUNCTIONS` compute
   ``<agg>_over_time``, ``<agg>(...) by (...)`` and the query functions the
   way Prometheus 2.x does, float operation for float operation (Neumaier /
@@ -104,6 +106,54 @@ def build_query(metric: MetricDef, scope_key: str, scope_id: str, period: int) -
     if args.get("query_suffix"):
         query = f"{query} {args['query_suffix']}"
     return query
+
+
+def batchable(metric: MetricDef) -> bool:
+    """Whether :func:`build_batch_query` may ask ``metric`` for several
+    scopes at once: not when it has a ``query_prefix`` or ``query_suffix``,
+    free text that may depend on the per-scope shape of the query (a binary
+    operation matching on the scope label, a ``topk``...)."""
+    args = metric.extra_args
+    return not (args.get("query_prefix") or args.get("query_suffix"))
+
+
+#: RE2 metacharacters, as Go's regexp.QuoteMeta escapes them
+_RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
+
+
+def quote_meta(text: str) -> str:
+    """``text`` as an RE2 regular expression matching it literally (Go's
+    ``regexp.QuoteMeta``)."""
+    return "".join("\\" + c if c in _RE2_SPECIAL else c for c in text)
+
+
+def build_batch_query(metric: MetricDef, scope_key: str, scope_ids: Sequence[str],
+                      period: int) -> str:
+    """:func:`build_query` for several scopes in one query::
+
+        <agg>(<agg>_over_time(<metric>{<scope_key>=~"<s1>|<s2>|..."}[<period>s])) by (<scope_key>, <labels>)
+
+    Each scope id is escaped for RE2 (:func:`quote_meta`), then for the
+    PromQL string; Prometheus anchors ``=~`` matchers, so exactly these
+    scopes are selected. The ids are kept in the order given. ``by`` starts
+    with the scope key, so every item of the reply names its scope; the
+    groups of one scope are those of its own query. Only for a
+    :func:`batchable` metric (prefix and suffix are not written).
+    """
+    args = metric.extra_args
+    agg = args.get("aggregation_method", "max")
+    regex = "|".join(quote_meta(scope_id) for scope_id in scope_ids)
+    query = f'{metric.name}{{{scope_key}=~"{escape_label_value(regex)}"}}[{period}s]'
+    range_function = args.get("range_function")
+    if range_function:
+        query = f"{range_function}({query})"
+    else:
+        query = f"{agg}_over_time({query})"
+    query_function = args.get("query_function")
+    if query_function:
+        query = f"{query_function}({query})"
+    labels = [scope_key, *(label for label in grouping(metric) if label != scope_key)]
+    return f"{agg}({query}) by ({', '.join(labels)})"
 
 
 def rfc3339(dt: datetime.datetime) -> str:

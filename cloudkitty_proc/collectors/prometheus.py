@@ -8,6 +8,12 @@ as an instant query at ``time=end``::
 
 and returns one (labels, value) pair per item of the reply.
 
+:meth:`PrometheusCollector.retrieve_batch` asks several scopes in one query
+(:func:`cloudkitty_proc.promql.build_batch_query`: ``<scope_key>=~"a|b|c"``,
+``by (<scope_key>, ...)``) and splits the reply by scope; a query whose
+encoded form is longer than :data:`POST_QUERY_BYTES` is sent as a
+form-encoded ``POST`` to the same path instead of a ``GET``.
+
 HTTP goes through :class:`cloudkitty_proc.http.Transport` (keep-alive
 connections, one per concurrent query of the worker: ``max(10,
 [orchestrator] max_threads)``; TLS per ``cafile`` / ``insecure``;
@@ -52,7 +58,7 @@ import datetime
 import json
 import logging
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -91,6 +97,15 @@ collector_prometheus_opts = [
         "False: such a reply is an error of kind 'partial', retried like a "
         "malformed one, and the period is not stored.",
     ),
+    cfg.BoolOpt(
+        "compress_replies",
+        default=False,
+        help="Ask Prometheus for gzip-compressed replies (Accept-Encoding: "
+        "gzip). Off by default: compressing triples Prometheus' CPU time per "
+        "query (0.20 -> 0.63 ms measured against Prometheus 2.42), and on "
+        "loopback or a LAN the bytes are not what bounds a query. Worth it "
+        "over a slow or metered link.",
+    ),
 ]
 
 OPTS = [("collector_prometheus", collector_prometheus_opts)]
@@ -109,6 +124,15 @@ ERROR_TEXT_LIMIT = 300
 #: period ends whose time parameter is kept (the periods queued ahead need
 #: a few)
 QUERY_TIME_CACHE = 256
+
+#: a query whose urlencoded parameters are longer than this (bytes) is sent
+#: as a form-encoded POST body rather than in the URL: proxies in front of
+#: Prometheus refuse long request lines (nginx's large_client_header_buffers
+#: is 8 KB, some load balancers stop at 4 KB), and a batch of a few hundred
+#: scopes makes a query of 10 KB or more. Prometheus takes both forms.
+POST_QUERY_BYTES = 4096
+
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 class _Retryable(Exception):
@@ -140,7 +164,7 @@ class PrometheusCollector(BaseCollector):
             self.url, option="[collector_prometheus] prometheus_url", green=self.green,
             timeout=self.timeout, size=max(10, conf.orchestrator.max_threads),
             user=group.prometheus_user, password=group.prometheus_password,
-            cafile=group.cafile, insecure=group.insecure)
+            cafile=group.cafile, insecure=group.insecure, compress=group.compress_replies)
         # (id(metric), scope, period seconds) -> (metric, query, target up to
         # "time="): a scope's query text is the same every period
         self._targets: dict[tuple[int, str, int], tuple[MetricDef, str, str]] = {}
@@ -160,6 +184,67 @@ class PrometheusCollector(BaseCollector):
         a finite number, or a negative one, is retried like any malformed
         reply."""
         return self._collect(metric, scope_id, begin, end, True)
+
+    def batchable(self, metric: MetricDef) -> bool:
+        """Whether :meth:`retrieve_batch` may ask ``metric`` (see
+        :func:`cloudkitty_proc.promql.batchable`)."""
+        return promql.batchable(metric)
+
+    def retrieve_batch(self, metric: MetricDef, scope_ids: Sequence[str],
+                       begin: datetime.datetime,
+                       end: datetime.datetime) -> dict[str, list[DataPoint] | None]:
+        """:meth:`retrieve` for several scopes in ONE instant query at
+        ``time=end`` (only for a :meth:`batchable` metric).
+
+        Returns one entry per scope id asked: its DataPoints, as
+        :meth:`retrieve` returns them for that scope alone (same
+        conversion, in the order of the reply; ``[]`` when the reply has
+        none of its series), or None when a value of one of its series is
+        not a quantity (not a finite number, or negative): the caller asks
+        that scope alone with :meth:`retrieve`, which retries it. Items of
+        other scopes are ignored.
+
+        When the query fails (after the retries :meth:`retrieve` makes:
+        timeouts, connection errors, 5xx, malformed or partial replies;
+        other 4xx at once) raises CollectError naming the metric and the
+        batch size, ``scope_id`` None, ``kind`` that of the failure. Safe to
+        call concurrently, like :meth:`retrieve`.
+        """
+        period = promql.period_seconds(begin, end)
+        query = promql.build_batch_query(metric, self.scope_key, scope_ids, period)
+        time_text = self._time(end)[0]
+        params = {"query": query, "time": time_text}
+        encoded = urllib.parse.urlencode(params)
+        if len(encoded) > POST_QUERY_BYTES:
+            method, target, body = "POST", None, encoded
+        else:
+            method, target, body = "GET", self._http.target(_QUERY_PATH, encoded), None
+        scope_key = self.scope_key
+        context = f"metric {metric.label}: batch of {len(scope_ids)} scopes"
+
+        def once() -> dict[str, list[DataPoint] | None]:
+            data = self._get(_QUERY_PATH, params, target, method=method, body=body)
+            split: dict[str, list[RawSeries]] = {scope_id: [] for scope_id in scope_ids}
+            for item in self._vector(data, query, method=method):
+                mine = split.get(item[0].get(scope_key))
+                if mine is not None:
+                    mine.append(item)
+            out: dict[str, list[DataPoint] | None] = {}
+            for scope_id, series in split.items():
+                try:
+                    out[scope_id] = self.to_points(metric, scope_id, series)
+                except CollectError as exc:   # a value that is not a quantity
+                    LOG.debug("%s: scope %s left for a query of its own: %s", context,
+                              scope_id, exc)
+                    out[scope_id] = None
+            return out
+
+        try:
+            return self._with_retries(once, context)
+        except (_Retryable, CollectError) as exc:   # retries exhausted, or 4xx
+            message = exc.message if isinstance(exc, _Retryable) else str(exc)
+            raise CollectError(f"batch of {len(scope_ids)} scopes: {message}",
+                               metric=metric.label, kind=exc.kind) from None
 
     def check(self) -> None:
         """Query ``/api/v1/status/buildinfo`` once (no retry).
@@ -220,13 +305,18 @@ class PrometheusCollector(BaseCollector):
             if len(self._targets) >= QUERY_TARGET_CACHE:
                 self._targets.clear()
             hit = self._targets[key] = (metric, query, prefix + "&time=")
+        times = self._time(end)
+        return hit[1], times[0], hit[2] + times[1]
+
+    def _time(self, end: datetime.datetime) -> tuple[str, str]:
+        """The time parameter of a period end, and its URL encoding."""
         times = self._times.get(end)
         if times is None:
             time_text = promql.rfc3339(end)
             if len(self._times) >= QUERY_TIME_CACHE:
                 self._times.clear()
             times = self._times[end] = (time_text, urllib.parse.quote_plus(time_text))
-        return hit[1], times[0], hit[2] + times[1]
+        return times
 
     def _with_retries(self, fn: Callable[[], Any], context: str) -> Any:
         attempts = self.retries + 1
@@ -266,17 +356,26 @@ class PrometheusCollector(BaseCollector):
     # -- HTTP ---------------------------------------------------------------
 
     def _get(self, path: str, params: dict[str, str] | None,
-             target: str | None = None) -> dict:
+             target: str | None = None, *, method: str = "GET",
+             body: str | None = None) -> dict:
         """The JSON object of a ``"status": "success"`` reply (``target``:
-        the request target of ``path`` and ``params``, when already built).
+        the request target of ``path`` and ``params``, when already built;
+        ``method="POST"``: ``body`` is ``params`` form-encoded, sent to
+        ``path``).
 
         Raises _Retryable (timeout, connection, 5xx, 429, malformed reply)
         or CollectError (other 4xx, redirect loops).
         """
-        where = f"GET {self.safe_url}{path}"
+        where = f"{method} {self.safe_url}{path}"
         self.io_begin()
         try:
-            reply = self._http.request("GET", path, params=params, target=target)
+            if body is None:
+                reply = self._http.request("GET", path, params=params, target=target)
+            else:
+                # a query has no side effect: resent like a GET when a
+                # keep-alive connection turns out closed
+                reply = self._http.request(method, path, body=body, headers=_FORM,
+                                           idempotent=True)
         except http.TooManyRedirects as exc:
             raise CollectError(f"{where}: {exc.message}", kind=exc.kind) from None
         except http.TransportError as exc:
@@ -293,7 +392,7 @@ class PrometheusCollector(BaseCollector):
             detail = _error_detail(body)
             msg = f"{where}: HTTP {status} {reply.reason}: {detail}"
             if params and "query" in params:
-                msg += f" (query: {params['query']})"
+                msg += f" (query: {_query_text(params['query'])})"
             raise CollectError(msg, kind="http")
         try:
             data = orjson.loads(body)
@@ -307,7 +406,7 @@ class PrometheusCollector(BaseCollector):
             msg = (f"{where}: Prometheus answered status {_text(repr(data.get('status')), 40)}: "
                    f"{_text(data.get('errorType', ''), 40)}: {_text(data.get('error', ''))}")
             if params and "query" in params:
-                msg += f" (query: {params['query']})"
+                msg += f" (query: {_query_text(params['query'])})"
             raise _Retryable(msg, "malformed")
         if not self.allow_partial and (data.get("warnings") or data.get("partialResponse")
                                        or data.get("isPartial")):
@@ -316,12 +415,14 @@ class PrometheusCollector(BaseCollector):
                              "allow_partial_replies to store such replies", "partial")
         return data
 
-    def _vector(self, data: dict, query: str) -> list[RawSeries]:
+    def _vector(self, data: dict, query: str, *, method: str = "GET") -> list[RawSeries]:
         """The (labels, raw value) items of an instant vector reply;
         _Retryable("malformed") for anything else."""
 
         def bad(what: str) -> _Retryable:
-            return _Retryable(f"{self._query_where}: {what} (query: {query})", "malformed")
+            where = self._query_where if method == "GET" else \
+                f"{method} {self.safe_url}{_QUERY_PATH}"
+            return _Retryable(f"{where}: {what} (query: {_query_text(query)})", "malformed")
 
         payload = data.get("data")
         if type(payload) is not dict:
@@ -344,6 +445,15 @@ class PrometheusCollector(BaseCollector):
                 raise bad(f"malformed result item {str(item)[:200]!r}")
             append((labels, value))
         return out
+
+
+#: the most characters of a query shown in a message (a batch of scopes
+#: makes queries of 10 KB and more; a scope's own query is far shorter)
+QUERY_TEXT_LIMIT = 1000
+
+
+def _query_text(query: str) -> str:
+    return _text(query, QUERY_TEXT_LIMIT)
 
 
 def _excerpt(body: bytes, limit: int = 200) -> str:

@@ -144,6 +144,8 @@ class Transport:
     """HTTP(S) requests to one base URL (see the module docstring).
 
     ``option`` names the setting the URL came from, for errors about it.
+    ``compress``: ask for gzip replies (``Accept-Encoding: gzip``), else
+    ``identity``; a ``headers`` entry overrides either.
     ``size`` idle keep-alive connections are kept per origin; more
     concurrent requests open more connections, closed after use. Safe to
     use from many green threads, or from many real threads (``green=False``).
@@ -152,7 +154,7 @@ class Transport:
     def __init__(self, url: str, *, option: str, green: bool, timeout: float, size: int = 10,
                  user: str | None = None, password: str | None = None,
                  cafile: str | None = None, insecure: bool = False,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, compress: bool = True) -> None:
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme.lower()
         self.safe_url = safe_url(url.rstrip("/"))
@@ -179,7 +181,9 @@ class Transport:
             self._context = tls_context(self.tree, cafile, insecure, option)
         self.headers = {
             "Accept": "application/json",
-            "Accept-Encoding": "gzip",
+            # compress=False: "identity", so that no server compresses (an
+            # absent header would allow any coding)
+            "Accept-Encoding": "gzip" if compress else "identity",
             "User-Agent": f"cloudkitty-proc/{__version__}",
         }
         if user:

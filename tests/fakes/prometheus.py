@@ -14,12 +14,17 @@ optional delay:
   ``tests/datagen.py``), unless ``fault(query)`` says otherwise. The chaos
   suite runs the daemon against it.
 
-What is recorded: ``requests``, every request as a dict (path, query
+Both answer ``GET`` and ``POST`` (Prometheus takes a query's parameters
+in a form-encoded body too); the handler's ``params`` holds the parameters
+of either (a POST's body over its URL's).
+
+What is recorded: ``requests``, every request as a dict (method, path,
 parameters, headers, client address); ``active`` / ``max_active``, the
 requests being answered now / at most at once; and for a
 :class:`DatasetPrometheus`, ``queries[(scope, begin iso, metric)]``, the
-arrival times (``time.monotonic()``) of each attempt of one query, and
-``total``, the number of queries understood.
+arrival times (``time.monotonic()``) of each attempt of one query (a
+batched query, ``project_id=~"a|b"``, counts as an attempt of each scope
+it asks), and ``total``, the number of queries understood.
 
 The benchmarks keep a server of their own, ``benchmarks/fake_prometheus.py``:
 one thread running an epoll loop, replies held on a heap of due times, no
@@ -59,8 +64,11 @@ class FakePrometheus:
     ``None`` to close the connection without replying.
 
     The handler is the request's ``BaseHTTPRequestHandler`` (``path``,
-    ``headers``, ``close_connection`` ...), plus ``arrived``: the
-    ``time.monotonic()`` at which its request was read (before the delay).
+    ``command``, ``headers``, ``close_connection`` ...), plus ``arrived``:
+    the ``time.monotonic()`` at which its request was read (before the
+    delay), ``params``: its parameters (from the URL, or for a POST from
+    its form body over the URL's), and ``body``: a POST's body (bytes) or
+    None.
     ``server`` may be wrapped (TLS) before the server is started.
     """
 
@@ -81,15 +89,24 @@ class FakePrometheus:
 
             def do_GET(self):  # noqa: N802
                 self.arrived = time.monotonic()
+                parsed = urllib.parse.urlsplit(self.path)
+                self.params = dict(urllib.parse.parse_qsl(parsed.query))
+                body = self.body = None
+                if self.command == "POST":
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.body = self.rfile.read(length) if length else b""
+                    if self.headers.get_content_type() == "application/x-www-form-urlencoded":
+                        self.params.update(urllib.parse.parse_qsl(body.decode("latin-1")))
                 with fake.lock:
                     fake.active += 1
                     fake.max_active = max(fake.max_active, fake.active)
-                    parsed = urllib.parse.urlsplit(self.path)
                     fake.requests.append({
+                        "method": self.command,
                         "path": parsed.path,
-                        "params": dict(urllib.parse.parse_qsl(parsed.query)),
+                        "params": dict(self.params),
                         "headers": dict(self.headers),
                         "client": self.client_address,
+                        "body": body,
                     })
                 try:
                     if fake.delay:
@@ -102,6 +119,8 @@ class FakePrometheus:
                 finally:
                     with fake.lock:
                         fake.active -= 1
+
+            do_POST = do_GET
 
             def _send(self, status, body):
                 raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -153,20 +172,59 @@ class FakePrometheus:
 
 #: the selector of the collector's query: metric, scope, range in seconds
 _SELECTOR = re.compile(r'(\w+)\{project_id="((?:[^"\\]|\\.)*)"\}\[(\d+)s\]')
+#: the selector of a batched query: metric, the scopes' regex, range
+_BATCH_SELECTOR = re.compile(r'(\w+)\{project_id=~"((?:[^"\\]|\\.)*)"\}\[(\d+)s\]')
+#: a batched query groups by the scope key first
+_BATCH_BY = re.compile(r'\) by \(project_id(?:, |\))')
+
+
+def _unquote(text: str) -> str:
+    """A PromQL double-quoted string's content, unescaped."""
+    return re.sub(r'\\(.)', lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), text)
+
+
+def _scopes_of(regex: str) -> tuple[str, ...] | None:
+    """The scope ids of ``a|b\\.c|...`` (alternatives of literal ids,
+    escaped as Go's regexp.QuoteMeta does), or None for any other regex."""
+    scopes, current, chars = [], [], iter(regex)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, None)
+            if nxt is None:
+                return None
+            current.append(nxt)
+        elif c == "|":
+            scopes.append("".join(current))
+            current = []
+        elif c in ".+*?()[]{}^$":
+            return None           # an unescaped metacharacter: not a literal
+        else:
+            current.append(c)
+    scopes.append("".join(current))
+    return tuple(scopes)
 
 
 class Query:
     """One instant query as the fake server understood it."""
 
-    __slots__ = ("metric", "scope", "begin", "end", "attempt")
+    __slots__ = ("metric", "scope", "scopes", "begin", "end", "attempt")
 
     def __init__(self, metric: str, scope: str, begin: datetime.datetime,
-                 end: datetime.datetime, attempt: int) -> None:
+                 end: datetime.datetime, attempt: int,
+                 scopes: tuple[str, ...] | None = None) -> None:
         self.metric = metric
+        #: the scope asked; for a batched query, the first one
         self.scope = scope
+        #: the scopes asked, in the query's order (``(scope,)`` unless batched)
+        self.scopes = scopes or (scope,)
         self.begin = begin
         self.end = end
-        self.attempt = attempt  # 1 for the first request of this query
+        #: 1 for the first request of this query (batched: of its first scope)
+        self.attempt = attempt
+
+    @property
+    def batched(self) -> bool:
+        return len(self.scopes) > 1
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -190,6 +248,11 @@ class DatasetPrometheus(FakePrometheus):
     the samples of ``om_path`` (so that an export can be checked with
     datagen), ``/api/v1/status/buildinfo`` with a version, anything else
     with 400. ``delay``: seconds every request takes (a slow backend).
+
+    Queries are CloudKitty's, one scope each (``project_id="a"``), or the
+    batched shape of promql.build_batch_query (``project_id=~"a|b\\.c"``,
+    ``by (project_id, ...)``), answered with the series of every scope
+    asked, in the order asked; GET or form-encoded POST.
 
     ``fault(query) -> action``, called for every query understood:
     ``None`` (answer normally), ``("reply", status, body)``,
@@ -216,7 +279,7 @@ class DatasetPrometheus(FakePrometheus):
         parsed = urllib.parse.urlsplit(handler.path)
         if parsed.path == "/api/v1/status/buildinfo":
             return 200, {"status": "success", "data": {"version": "fake"}}
-        params = dict(urllib.parse.parse_qsl(parsed.query))
+        params = handler.params
         query = self._parse(params, handler.arrived)
         if query is None:
             return 400, {"status": "error", "errorType": "bad_data",
@@ -236,23 +299,39 @@ class DatasetPrometheus(FakePrometheus):
         return 200, self.answer(query)
 
     def _parse(self, params: dict, arrived: float) -> Query | None:
-        m = _SELECTOR.search(params.get("query", ""))
-        if m is None or "time" not in params or m.group(1) not in self._metrics:
+        text = params.get("query", "")
+        m = _SELECTOR.search(text)
+        scopes = None
+        if m is None:
+            m = _BATCH_SELECTOR.search(text)
+            if m is None or not _BATCH_BY.search(text):
+                return None
+            scopes = _scopes_of(_unquote(m.group(2)))
+            if not scopes:
+                return None
+        if "time" not in params or m.group(1) not in self._metrics:
             return None
         end = datetime.datetime.fromisoformat(params["time"].replace("Z", "+00:00"))
         begin = end - datetime.timedelta(seconds=int(m.group(3)))
-        scope = m.group(2).replace('\\"', '"').replace("\\\\", "\\")
-        key = (scope, begin.isoformat(), m.group(1))
+        if scopes is None:
+            scopes = (m.group(2).replace('\\"', '"').replace("\\\\", "\\"),)
+        keys = [(scope, begin.isoformat(), m.group(1)) for scope in scopes]
         with self.lock:
-            self.queries[key].append(arrived)
+            for key in keys:
+                self.queries[key].append(arrived)
             self.total += 1
-            attempt = len(self.queries[key])
-        return Query(m.group(1), scope, begin, end, attempt)
+            attempt = len(self.queries[keys[0]])
+        return Query(m.group(1), scopes[0], begin, end, attempt,
+                     scopes if len(scopes) > 1 else None)
 
     def answer(self, query: Query) -> dict:
         """The reply to ``query`` without a fault (a fault may alter it)."""
         metric = self._metrics[query.metric]
-        series = self._file.fetch(metric, query.scope, query.begin, query.end)
         ts = query.end.timestamp()
-        return {"status": "success", "data": {"resultType": "vector", "result": [
-            {"metric": dict(labels), "value": [ts, value]} for labels, value in series]}}
+        result = []
+        for scope in query.scopes:
+            for labels, value in self._file.fetch(metric, scope, query.begin, query.end):
+                labels = dict(labels)
+                labels["project_id"] = scope   # in every by (...) list
+                result.append({"metric": labels, "value": [ts, value]})
+        return {"status": "success", "data": {"resultType": "vector", "result": result}}

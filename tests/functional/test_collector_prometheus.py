@@ -864,7 +864,27 @@ def test_reply_framings(raw, reused, executor):
     assert request_line.startswith("GET /api/v1/query?query=") and request_line.endswith(
         " HTTP/1.1")
     assert f"Host: {srv.url[len('http://'):]}" in headers
-    assert "Accept-Encoding: gzip" in headers and "Accept: application/json" in headers
+    # [collector_prometheus] compress_replies is off by default; a gzip
+    # reply is decoded all the same
+    assert "Accept-Encoding: identity" in headers and "Accept: application/json" in headers
+
+
+@pytest.mark.parametrize("compress, header", [(None, "identity"), (False, "identity"),
+                                              (True, "gzip")])
+def test_compress_replies_sets_accept_encoding(compress, header):
+    """[collector_prometheus] compress_replies: gzip triples Prometheus' CPU
+    time per query, so the collector asks for it only when told to; the
+    fetcher (same transport) still asks for it."""
+    options = {} if compress is None else {"compress_replies": compress}
+    with FakePrometheus() as fake:
+        coll, metric = fake_collector(fake.url, **options)
+        assert coll.retrieve(metric, "p1", *hour(0)) == []
+        coll.close()
+        fetcher = PrometheusFetcher(make_conf(fetcher_prometheus={
+            "prometheus_url": fake.url, "metric": "instance_up"}))
+        fetcher.get_scopes()
+        fetcher.close()
+    assert [r["headers"]["Accept-Encoding"] for r in fake.requests] == [header, "gzip"]
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -244,3 +244,28 @@ def test_green_queries_overlap(usage, tmp_path):
             results[executor] = [sorted(map(repr, points)) for points in got]
     assert results["greenpool"] == results["threads"]
     assert sum(map(len, results["threads"])) == 18   # 5 scopes x 2 vms, 4 without memory
+
+
+@pytest.mark.parametrize("compress, header", [(None, "identity"), (True, "gzip")])
+def test_collector_compress_replies_sets_accept_encoding(tmp_path, compress, header):
+    """[collector_gnocchi] compress_replies (default off) decides the
+    Accept-Encoding of the collector's requests; the Gnocchi fetcher's
+    client keeps asking for gzip."""
+    from cloudkitty_proc import gnocchi_client
+
+    path = tmp_path / "metrics.yml"
+    path.write_text(yaml.safe_dump(METRICS))
+    metrics = load_metrics_conf(str(path), extra_args_schema=GNOCCHI_EXTRA_ARGS)
+    group = {"gnocchi_auth_type": "basic", "gnocchi_user": "admin",
+             "gnocchi_endpoint": "http://127.0.0.1:9"}
+    if compress is not None:
+        group["compress_replies"] = compress
+    coll = GnocchiCollector(make_conf(collector_gnocchi=group), metrics)
+    try:
+        assert coll._client.transport().headers["Accept-Encoding"] == header
+    finally:
+        coll.close()
+    client = gnocchi_client.GnocchiClient(
+        gnocchi_client.GnocchiAuth("http://127.0.0.1:9", dict, lambda: None),
+        group="fetcher_gnocchi", green=False, timeout=1, size=1, cafile=None, insecure=False)
+    assert client.transport().headers["Accept-Encoding"] == "gzip"

@@ -460,6 +460,62 @@ def test_build_query_is_cloudkitty_shape(tmp_path):
         '1 + sum(rate(cpu{project_id="p1"}[3600s])) by (project_id) > 0')
 
 
+def test_build_batch_query_shape_and_escaping(tmp_path):
+    """One query for several scopes: the same query with a
+    ``<scope_key>=~"..."`` selector (each id escaped for RE2, then for the
+    PromQL string) and the scope key first in ``by``; ids in the order
+    given."""
+    mconf = write_metrics(tmp_path, {
+        "instance_up": {"unit": "instance", "groupby": ["id", "user_id"],
+                        "metadata": ["flavor_name"]},
+        "cpu": [{"unit": "s", "alt_name": "a",
+                 "extra_args": {"aggregation_method": "avg", "query_function": "ceil"}},
+                {"unit": "s", "alt_name": "b",
+                 "extra_args": {"aggregation_method": "sum", "range_function": "rate"}}],
+    })
+    inst, cpu_a, cpu_b = mconf.metrics
+    assert promql.build_batch_query(inst, "project_id", ["p2", "p1"], 3600) == (
+        'max(max_over_time(instance_up{project_id=~"p2|p1"}[3600s])) '
+        'by (project_id, id, user_id, flavor_name)')
+    assert promql.build_batch_query(cpu_a, "project_id", ["p1"], 600) == (
+        'avg(ceil(avg_over_time(cpu{project_id=~"p1"}[600s]))) by (project_id)')
+    assert promql.build_batch_query(cpu_b, "tenant", ["p1", "p2"], 3600) == (
+        'sum(rate(cpu{tenant=~"p1|p2"}[3600s])) by (tenant, project_id)')
+    # RE2 metacharacters are escaped (Go's regexp.QuoteMeta), then \ and "
+    # for the double-quoted string
+    assert promql.build_batch_query(cpu_b, "project_id", ['a.b"c', "x\\y|(z)"], 60) == (
+        'sum(rate(cpu{project_id=~"a\\\\.b\\"c|x\\\\\\\\y\\\\|\\\\(z\\\\)"}[60s])) '
+        'by (project_id)')
+
+
+def test_quote_meta_matches_exactly_the_ids():
+    """The regex of a batch matches its ids and nothing else, whatever
+    they contain (Python's re reads these escapes as RE2 does; PromQL
+    anchors the matcher, as fullmatch)."""
+    import re
+
+    ids = ["a.b", "x+y", "p|q", "r[1]", "s{2}", "t^$", "u\\v", 'w"q', "(z)?*", "plain-1"]
+    regex = "|".join(promql.quote_meta(i) for i in ids)
+    assert promql.quote_meta(".+*?()|[]{}^$\\") == "\\" + "\\".join(".+*?()|[]{}^$\\")
+    for i in ids:
+        assert re.fullmatch(regex, i)
+    for other in ["axb", "xy", "xxy", "p", "q", "r1", "s22", "t", "uv", "z", "plain-", ""]:
+        assert not re.fullmatch(regex, other), other
+
+
+def test_batchable_unless_query_prefix_or_suffix(tmp_path):
+    mconf = write_metrics(tmp_path, {
+        "cpu": [{"unit": "s", "alt_name": "plain"},
+                {"unit": "s", "alt_name": "fn",
+                 "extra_args": {"query_function": "abs", "range_function": "rate"}},
+                {"unit": "s", "alt_name": "prefix", "extra_args": {"query_prefix": "1 +"}},
+                {"unit": "s", "alt_name": "suffix", "extra_args": {"query_suffix": "> 0"}},
+                {"unit": "s", "alt_name": "empty",
+                 "extra_args": {"query_prefix": "", "query_suffix": ""}}],
+    })
+    assert [promql.batchable(m) for m in mconf.metrics] == [True, True, False, False, True]
+
+
 def _load_generator():
     spec = importlib.util.spec_from_file_location("gen_openmetrics",
                                                   ROOT / "tools" / "gen_openmetrics.py")
