@@ -449,11 +449,17 @@ def first_worker_start(log: pathlib.Path) -> float | None:
     return min(times) if times else None
 
 
+#: [collect] max_scopes_per_query's default in cloudkitty_proc/conf.py
+DAEMON_SCOPES_PER_QUERY = 200
+
+
 def run_bound_client(spec: RunSpec, server: RealServerHandle) -> dict:
     """The bound: the daemon's queries from a minimal client (one process
     per worker, max_threads keep-alive connections each), as fast as it
     can; Prometheus' CPU over it."""
-    per_query = spec.max_scopes_per_query or 1
+    # not given: the daemon's default (an older tree run with --code that
+    # queries per scope needs --max-scopes-per-query 1 for a fair bound)
+    per_query = spec.max_scopes_per_query or DAEMON_SCOPES_PER_QUERY
     scopes = scope_names(spec.scopes)
     shares = [scopes[i::spec.workers] for i in range(spec.workers)]
     per_worker = [real_prometheus.worker_queries(bound_metrics(), SCOPE_KEY, share,

@@ -121,6 +121,10 @@ QUERY_TARGET_CACHE = 512
 #: the most characters of a server's error text kept in a message
 ERROR_TEXT_LIMIT = 300
 
+#: batch queries kept (one per metric and batch in flight: a worker has
+#: one batch at a time)
+BATCH_QUERY_CACHE = 64
+
 #: period ends whose time parameter is kept (the periods queued ahead need
 #: a few)
 QUERY_TIME_CACHE = 256
@@ -171,6 +175,9 @@ class PrometheusCollector(BaseCollector):
         # period end -> (time parameter, its URL encoding): every metric of
         # a period asks for the same time
         self._times: dict[datetime.datetime, tuple[str, str]] = {}
+        # (id(metric), scopes, period) -> (metric, query, its encoding): a
+        # batch asks the same query text for each of its periods
+        self._batch_queries: dict[tuple, tuple[MetricDef, str, str]] = {}
 
     # -- public API ---------------------------------------------------------
 
@@ -211,10 +218,10 @@ class PrometheusCollector(BaseCollector):
         call concurrently, like :meth:`retrieve`.
         """
         period = promql.period_seconds(begin, end)
-        query = promql.build_batch_query(metric, self.scope_key, scope_ids, period)
-        time_text = self._time(end)[0]
+        query, encoded_query = self._batch_query(metric, scope_ids, period)
+        time_text, encoded_time = self._time(end)
         params = {"query": query, "time": time_text}
-        encoded = urllib.parse.urlencode(params)
+        encoded = f"{encoded_query}&time={encoded_time}"
         if len(encoded) > POST_QUERY_BYTES:
             method, target, body = "POST", None, encoded
         else:
@@ -245,6 +252,21 @@ class PrometheusCollector(BaseCollector):
             message = exc.message if isinstance(exc, _Retryable) else str(exc)
             raise CollectError(f"batch of {len(scope_ids)} scopes: {message}",
                                metric=metric.label, kind=exc.kind) from None
+
+    def _batch_query(self, metric: MetricDef, scope_ids: Sequence[str],
+                     period: int) -> tuple[str, str]:
+        """(query, its ``query=...`` URL encoding) of a batch: the same scopes
+        ask for every period of a batch, so both are built once (a query of
+        200 scopes is 8 KB to escape and encode)."""
+        key = (id(metric), tuple(scope_ids), period)
+        hit = self._batch_queries.get(key)
+        if hit is None or hit[0] is not metric:
+            query = promql.build_batch_query(metric, self.scope_key, scope_ids, period)
+            if len(self._batch_queries) >= BATCH_QUERY_CACHE:
+                self._batch_queries.clear()
+            hit = self._batch_queries[key] = (
+                metric, query, urllib.parse.urlencode({"query": query}))
+        return hit[1], hit[2]
 
     def check(self) -> None:
         """Query ``/api/v1/status/buildinfo`` once (no retry).

@@ -10,6 +10,7 @@ column types would store (``frame_rows``), so the commit binds them as is.
 from __future__ import annotations
 
 import datetime
+import functools
 import decimal
 import json
 
@@ -55,8 +56,10 @@ def decimal_text(value: decimal.Decimal) -> str:
     return format(value, "f")
 
 
+@functools.lru_cache(maxsize=4096)
 def sqlite_datetime(dt: datetime.datetime) -> str:
-    """The text SQLAlchemy's SQLite DATETIME type stores (naive UTC)."""
+    """The text SQLAlchemy's SQLite DATETIME type stores (naive UTC);
+    cached: every scope of a batch commits the same period bounds."""
     return (f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d} {dt.hour:02d}:{dt.minute:02d}:"
             f"{dt.second:02d}.{dt.microsecond:06d}")
 
