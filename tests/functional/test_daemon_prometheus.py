@@ -5,6 +5,7 @@ backfilled (promtool) from the same OpenMetrics data the file collector reads.
 from __future__ import annotations
 
 import datetime
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -44,12 +45,23 @@ class FailingProxy:
         self.fake = FakePrometheus(self._reply).__enter__()
         self.url = self.fake.url
 
+    def _asks_scope(self, query: str) -> bool:
+        """The query asks for the scope: alone (``project_id="s"``) or in a
+        batch (``project_id=~"a|s|b"``: the batched query then fails as a
+        whole, and the worker asks each of its scopes alone)."""
+        match = re.search(r'project_id(=~?)"((?:[^"\\]|\\.)*)"', query)
+        if match is None:
+            return False
+        if match.group(1) == "=":
+            return match.group(2) == self.scope
+        return self.scope in match.group(2).split("|")  # (ids without metacharacters)
+
     def _reply(self, handler):
         params = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
         query = params.get("query", [""])[0]
         ts = params.get("time", [""])[0]
         t = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if ts else 0
-        if self.broken and f'project_id="{self.scope}"' in query and t > self.fail_after_ts:
+        if self.broken and self._asks_scope(query) and t > self.fail_after_ts:
             with self.fake.lock:
                 self.failed += 1
             return 500, b'{"status":"error","errorType":"internal","error":"boom"}'

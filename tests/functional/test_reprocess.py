@@ -29,7 +29,7 @@ from oslo_config import cfg
 
 from cloudkitty_proc import conf as ckp_conf
 from cloudkitty_proc import messaging
-from cloudkitty_proc.leases import lock_name
+from cloudkitty_proc.leases import partition_lock_name, partition_of
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 
@@ -375,7 +375,8 @@ def test_validation_errors_and_malformed_messages(env):
     from tooz import coordination
     holder = coordination.get_coordinator(f"file://{env.tmp_path}/state/locks", b"holder")
     holder.start()
-    lock = holder.get_lock(lock_name(s0))
+    # its lease: its partition's, with the default partition count
+    lock = holder.get_lock(partition_lock_name(partition_of(s0, 64), 64))
     assert lock.acquire(blocking=False)
     try:
         env.storage.create_reprocess_tasks([s0], T0 + datetime.timedelta(hours=2),
