@@ -88,6 +88,9 @@ class BatchRun:
         self.metrics = [(m, batch is not None and len(self.members) > 1
                          and (can is None or can(m)))
                         for m in collector.metrics]
+        #: periods asked by one query (a range query) where the collector can
+        self.chunk = (pipeline.conf.collect.max_periods_per_query
+                      if getattr(collector, "retrieve_batch_periods", None) is not None else 1)
 
     # -- the run -------------------------------------------------------------
     def run(self) -> None:
@@ -96,51 +99,64 @@ class BatchRun:
         alive = {m.scope_id: m for m in self.members}
         for m in self.members:
             m.res.attempted = True
-        upcoming = iter(self.starts)
+        size = self.chunk
+        chunks = iter([[(b, b + period) for b in self.starts[i:i + size]]
+                       for i in range(0, len(self.starts), size)])
         pending: collections.deque = collections.deque()
+        # periods queued ahead: lookahead_periods, and always the next chunk
         depth = max(1, p.conf.orchestrator.lookahead_periods)
 
         def submit_next() -> bool:
-            begin = next(upcoming, None)
-            if begin is None:
+            periods = next(chunks, None)
+            if periods is None:
                 return False
             scopes = tuple(alive)
-            end = begin + period
-            pending.append((begin, end, scopes, self._submit(scopes, begin, end),
-                            time.monotonic()))
+            pending.append((periods, scopes, self._submit(scopes, periods), time.monotonic()))
             return True
 
-        while len(pending) < depth and submit_next():
+        def queued() -> int:
+            return sum(len(c[0]) for c in pending)
+
+        while queued() < depth and submit_next():
             pass
         try:
             while pending and alive:
+                periods, scopes, handles, t0 = pending.popleft()
+                submit_next()  # the next chunk is asked while this one is handled
+                p.executor.yield_now()
+                for index, (begin, end) in enumerate(periods):
+                    if p.stop_event.is_set() or not alive:
+                        break
+                    frames = self._collect(alive, scopes, begin, end, handles, index)
+                    self._rate_and_commit(alive, frames, t0)
+                _drain(handles)
                 if p.stop_event.is_set():
                     for m in alive.values():
                         m.res.more_due = True
                     break
-                begin, end, scopes, handles, t0 = pending.popleft()
-                frames = self._collect(alive, scopes, begin, end, handles)
-                submit_next()
-                p.executor.yield_now()
-                self._rate_and_commit(alive, frames, t0)
         finally:
             while pending:
-                _drain(pending.popleft()[3])
+                _drain(pending.popleft()[2])
 
     # -- collect ---------------------------------------------------------------
-    def _submit(self, scopes: tuple[str, ...], begin: datetime.datetime,
-                end: datetime.datetime) -> list:
-        """The executor calls of one period: (metric, batched, handle or
-        {scope: handle})."""
+    def _submit(self, scopes: tuple[str, ...], periods: list) -> list:
+        """The executor calls of a chunk of periods, per metric: (metric,
+        "range", handle of retrieve_batch_periods), (metric, "batch", [a
+        handle of retrieve_batch per period]) or (metric, "scope",
+        [{scope: handle of retrieve} per period])."""
         submit = self.pipeline.executor.submit
+        retrieve = self.pipeline._retrieve
         handles = []
         for metric, batched in self.metrics:
-            if batched:
-                handles.append((metric, True, submit(self._retrieve_batch, metric, scopes,
-                                                     begin, end)))
+            if batched and len(periods) > 1:
+                handles.append((metric, "range", submit(self._retrieve_batch_periods, metric,
+                                                        scopes, periods)))
+            elif batched:
+                handles.append((metric, "batch", [submit(self._retrieve_batch, metric, scopes,
+                                                         b, e) for b, e in periods]))
             else:
-                handles.append((metric, False, {
-                    s: submit(self.pipeline._retrieve, metric, s, begin, end) for s in scopes}))
+                handles.append((metric, "scope", [{s: submit(retrieve, metric, s, b, e)
+                                                   for s in scopes} for b, e in periods]))
         return handles
 
     def _retrieve_batch(self, metric: Any, scopes: tuple[str, ...],
@@ -152,28 +168,37 @@ class BatchRun:
         finally:
             self.pipeline.telemetry.query(metric.usage_type, time.monotonic() - t0)
 
+    def _retrieve_batch_periods(self, metric: Any, scopes: tuple[str, ...],
+                                periods: list) -> list:
+        """collector.retrieve_batch_periods, timed (in the collect executor)."""
+        t0 = time.monotonic()
+        try:
+            return self.collector.retrieve_batch_periods(metric, scopes, periods)
+        finally:
+            self.pipeline.telemetry.query(metric.usage_type, time.monotonic() - t0)
+
     def _collect(self, alive: dict[str, _Member], scopes: tuple[str, ...],
                  begin: datetime.datetime, end: datetime.datetime,
-                 handles: list) -> dict[str, DataFrame]:
-        """The frames of the period for the scopes still in the batch; a
-        scope whose collection failed is recorded and leaves the batch."""
+                 handles: list, index: int) -> dict[str, DataFrame]:
+        """The frames of period ``index`` of the chunk for the scopes still
+        in the batch; a scope whose collection failed is recorded and
+        leaves the batch."""
         p = self.pipeline
         points: dict[str, dict[int, list]] = {s: {} for s in scopes if s in alive}
         errors: dict[str, BaseException] = {}
         retry: list[tuple[int, Any, str]] = []   # (metric index, metric, scope)
-        for index, (metric, batched, handle) in enumerate(handles):
-            if not batched:
-                for scope_id, h in handle.items():
+        for m_index, (metric, how, handle) in enumerate(handles):
+            if how == "scope":
+                for scope_id, h in handle[index].items():
                     if scope_id not in points:
-                        _drain_one(h)
                         continue
                     try:
-                        points[scope_id][index] = h.result()
+                        points[scope_id][m_index] = h.result()
                     except Exception as exc:  # noqa: BLE001 - recorded per scope
                         errors.setdefault(scope_id, exc)
                 continue
             try:
-                got = handle.result()
+                got = handle.result()[index] if how == "range" else handle[index].result()
             except CollectError as exc:
                 if exc.kind in NO_FALLBACK_KINDS:
                     for scope_id in points:
@@ -187,16 +212,16 @@ class BatchRun:
             for scope_id in points:
                 mine = got.get(scope_id)
                 if mine is None:
-                    retry.append((index, metric, scope_id))
+                    retry.append((m_index, metric, scope_id))
                 else:
-                    points[scope_id][index] = mine
+                    points[scope_id][m_index] = mine
         if retry:  # each scope alone, concurrently
             submit = p.executor.submit
             alone = [(i, s, submit(p._retrieve, metric, s, begin, end))
                      for i, metric, s in retry if s not in errors]
-            for index, scope_id, h in alone:
+            for m_index, scope_id, h in alone:
                 try:
-                    points[scope_id][index] = h.result()
+                    points[scope_id][m_index] = h.result()
                 except Exception as exc:  # noqa: BLE001 - recorded per scope
                     errors.setdefault(scope_id, exc)
         keys = time_groupby(begin)
@@ -209,8 +234,8 @@ class BatchRun:
                 del alive[scope_id]
                 continue
             frame = DataFrame(scope_id, begin, end)
-            for index, (metric, _b, _h) in enumerate(handles):
-                mine = by_metric[index]
+            for m_index, (metric, _how, _h) in enumerate(handles):
+                mine = by_metric[m_index]
                 for point in mine:
                     point.groupby.update(keys)
                 frame.add_points(metric.usage_type, mine)
@@ -292,11 +317,14 @@ def _drain_one(handle: Any) -> None:
 
 
 def _drain(handles: list) -> None:
-    for _metric, batched, handle in handles:
-        if batched:
+    """Wait for every call of a chunk (their results are dropped)."""
+    for _metric, how, handle in handles:
+        if how == "range":
             _drain_one(handle)
-        else:
-            for h in handle.values():
+        elif how == "batch":
+            for h in handle:
                 _drain_one(h)
-
-
+        else:
+            for by_scope in handle:
+                for h in by_scope.values():
+                    _drain_one(h)

@@ -55,11 +55,16 @@ class BatchedPasses:
         gives the leases back. A busy lease is left to its holder (the
         pass is then pending)."""
         p = self._pass
-        size = self.conf.collect.max_scopes_per_query
         units: dict[bytes, list[str]] = {}
+        wanted = 0
         for scope_id in p.queue:
             if self._wants_visit(scope_id):
                 units.setdefault(leases.lease_name(self.conf, scope_id), []).append(scope_id)
+                wanted += 1
+        # at most this worker's share of the pass, so that the workers of a
+        # host split a small pass between them rather than one taking it all
+        size = min(self.conf.collect.max_scopes_per_query,
+                   max(1, -(-wanted // self.worker_count)))
         names = list(units)
         i = 0
         while i < len(names):
