@@ -9,8 +9,9 @@ optional delay:
   and may block (sleep, wait for an event). The default answers an empty
   vector. The functional tests script their replies with it.
 * :class:`DatasetPrometheus` ``(om_path, metrics_yml, delay=, fault=)``: the
-  same server whose callback answers ``/api/v1/query`` with what the file
-  collector computes from an OpenMetrics file (a dataset of
+  same server whose callback answers ``/api/v1/query`` (and
+  ``/api/v1/query_range``, each step as the instant query at that time) with
+  what the file collector computes from an OpenMetrics file (a dataset of
   ``tests/datagen.py``), unless ``fault(query)`` says otherwise. The chaos
   suite runs the daemon against it.
 
@@ -24,7 +25,8 @@ requests being answered now / at most at once; and for a
 :class:`DatasetPrometheus`, ``queries[(scope, begin iso, metric)]``, the
 arrival times (``time.monotonic()``) of each attempt of one query (a
 batched query, ``project_id=~"a|b"``, counts as an attempt of each scope
-it asks), and ``total``, the number of queries understood.
+it asks; a range query, as an attempt of each scope at each of its steps),
+and ``total``, the number of queries (requests) understood.
 
 The benchmarks keep a server of their own, ``benchmarks/fake_prometheus.py``:
 one thread running an epoll loop, replies held on a heap of due times, no
@@ -205,13 +207,15 @@ def _scopes_of(regex: str) -> tuple[str, ...] | None:
 
 
 class Query:
-    """One instant query as the fake server understood it."""
+    """One instant query as the fake server understood it, or one step of a
+    range query (``range_ends`` set): the instant query at that step."""
 
-    __slots__ = ("metric", "scope", "scopes", "begin", "end", "attempt")
+    __slots__ = ("attempt", "begin", "end", "metric", "range_ends", "scope", "scopes")
 
     def __init__(self, metric: str, scope: str, begin: datetime.datetime,
                  end: datetime.datetime, attempt: int,
-                 scopes: tuple[str, ...] | None = None) -> None:
+                 scopes: tuple[str, ...] | None = None,
+                 range_ends: tuple[datetime.datetime, ...] | None = None) -> None:
         self.metric = metric
         #: the scope asked; for a batched query, the first one
         self.scope = scope
@@ -219,8 +223,16 @@ class Query:
         self.scopes = scopes or (scope,)
         self.begin = begin
         self.end = end
-        #: 1 for the first request of this query (batched: of its first scope)
+        #: 1 for the first request of this query (batched: of its first scope;
+        #: a range step: of its first scope at that step)
         self.attempt = attempt
+        #: for a step of a range query: the ends (times) of all its steps,
+        #: in order (``begin``/``end`` are this step's period); else None
+        self.range_ends = range_ends
+
+    @property
+    def ranged(self) -> bool:
+        return self.range_ends is not None
 
     @property
     def batched(self) -> bool:
@@ -254,7 +266,16 @@ class DatasetPrometheus(FakePrometheus):
     ``by (project_id, ...)``), answered with the series of every scope
     asked, in the order asked; GET or form-encoded POST.
 
-    ``fault(query) -> action``, called for every query understood:
+    ``/api/v1/query_range`` (``start``, ``end``, ``step``) takes the same
+    queries: each step is the instant query at that time (period: the
+    selector's range up to the step), the reply a matrix of the series of
+    all steps (a series per label set, its values in step order), sorted
+    by labels as Prometheus sorts range results (:meth:`answer_range`).
+
+    ``fault(query) -> action``, called for every query understood (for a
+    range query: once per step, in step order, with that step's Query, so
+    a hook keyed on (scope, begin, metric) fires for the period it
+    targets; the first action returned applies to the whole request):
     ``None`` (answer normally), ``("reply", status, body)``,
     ``("sleep", seconds)`` (then answer), ``("hold", event)`` (answer once
     the event is set, 120 s at most) or ``("close",)`` (hang up without a
@@ -280,11 +301,27 @@ class DatasetPrometheus(FakePrometheus):
         if parsed.path == "/api/v1/status/buildinfo":
             return 200, {"status": "success", "data": {"version": "fake"}}
         params = handler.params
-        query = self._parse(params, handler.arrived)
-        if query is None:
+        if parsed.path == "/api/v1/query_range":
+            steps = self._parse_range(params, handler.arrived)
+            if steps is None:
+                return 400, {"status": "error", "errorType": "bad_data",
+                             "error": f"cannot parse {params!r}"}
+            action = None
+            for step in steps:
+                act = self.fault(step) if self.fault else None
+                if action is None:
+                    action = act
+            query, answer = steps[0], self.answer_range
+        elif parsed.path == "/api/v1/query":
+            query = self._parse(params, handler.arrived)
+            if query is None:
+                return 400, {"status": "error", "errorType": "bad_data",
+                             "error": f"cannot parse {params!r}"}
+            action = self.fault(query) if self.fault else None
+            answer = self.answer
+        else:
             return 400, {"status": "error", "errorType": "bad_data",
-                         "error": f"cannot parse {params!r}"}
-        action = self.fault(query) if self.fault else None
+                         "error": f"unknown path {parsed.path}"}
         if action is not None:
             if action[0] == "reply":
                 return action[1], action[2]
@@ -296,10 +333,40 @@ class DatasetPrometheus(FakePrometheus):
                 return None
             else:
                 raise ValueError(f"unknown fault action {action!r}")
-        return 200, self.answer(query)
+        return 200, answer(query)
 
     def _parse(self, params: dict, arrived: float) -> Query | None:
-        text = params.get("query", "")
+        if "time" not in params:
+            return None
+        parsed = self._parse_query(params.get("query", ""))
+        if parsed is None:
+            return None
+        end = _time(params["time"])
+        return self._record(*parsed, [end], arrived)[0]
+
+    def _parse_range(self, params: dict, arrived: float) -> list[Query] | None:
+        """One Query per step of a range query (Prometheus' steps: start,
+        start + step, ... up to end), or None when it is not understood."""
+        if not {"start", "end", "step"} <= params.keys():
+            return None
+        parsed = self._parse_query(params.get("query", ""))
+        if parsed is None:
+            return None
+        start, end = _time(params["start"]), _time(params["end"])
+        step = _seconds(params["step"])
+        if step is None or step <= 0 or end < start:
+            return None
+        ends = []
+        t = start
+        while t <= end:
+            ends.append(t)
+            t += datetime.timedelta(seconds=step)
+        if len(ends) > 11000:        # Prometheus' limit of points per series
+            return None
+        return self._record(*parsed, ends, arrived, ranged=True)
+
+    def _parse_query(self, text: str) -> tuple[str, tuple[str, ...], int, bool] | None:
+        """(metric, scopes, range seconds, batched) of a query's text."""
         m = _SELECTOR.search(text)
         scopes = None
         if m is None:
@@ -309,20 +376,32 @@ class DatasetPrometheus(FakePrometheus):
             scopes = _scopes_of(_unquote(m.group(2)))
             if not scopes:
                 return None
-        if "time" not in params or m.group(1) not in self._metrics:
+        if m.group(1) not in self._metrics:
             return None
-        end = datetime.datetime.fromisoformat(params["time"].replace("Z", "+00:00"))
-        begin = end - datetime.timedelta(seconds=int(m.group(3)))
+        batched = scopes is not None
         if scopes is None:
             scopes = (m.group(2).replace('\\"', '"').replace("\\\\", "\\"),)
-        keys = [(scope, begin.isoformat(), m.group(1)) for scope in scopes]
+        return m.group(1), scopes, int(m.group(3)), batched
+
+    def _record(self, metric: str, scopes: tuple[str, ...], seconds: int, batched: bool,
+                ends: list[datetime.datetime], arrived: float,
+                ranged: bool = False) -> list[Query]:
+        """A Query per step end (one for an instant query), each recorded in
+        ``queries`` as an attempt of each scope; ``total`` counts one."""
+        length = datetime.timedelta(seconds=seconds)
+        range_ends = tuple(ends) if ranged else None
+        out = []
         with self.lock:
-            for key in keys:
-                self.queries[key].append(arrived)
             self.total += 1
-            attempt = len(self.queries[keys[0]])
-        return Query(m.group(1), scopes[0], begin, end, attempt,
-                     scopes if len(scopes) > 1 else None)
+            for end in ends:
+                begin = end - length
+                keys = [(scope, begin.isoformat(), metric) for scope in scopes]
+                for key in keys:
+                    self.queries[key].append(arrived)
+                out.append(Query(metric, scopes[0], begin, end, len(self.queries[keys[0]]),
+                                 scopes if batched and len(scopes) > 1 else None,
+                                 range_ends))
+        return out
 
     def answer(self, query: Query) -> dict:
         """The reply to ``query`` without a fault (a fault may alter it)."""
@@ -335,3 +414,42 @@ class DatasetPrometheus(FakePrometheus):
                 labels["project_id"] = scope   # in every by (...) list
                 result.append({"metric": labels, "value": [ts, value]})
         return {"status": "success", "data": {"resultType": "vector", "result": result}}
+
+    def answer_range(self, query: Query) -> dict:
+        """The reply (without a fault) to the range query of which ``query``
+        is a step: each step's :meth:`answer`, as a matrix: one item per
+        label set, its ``[time, value]`` pairs in step order, items sorted
+        by labels (Prometheus' labels.Compare)."""
+        length = query.end - query.begin
+        series: dict[tuple, dict] = {}
+        for end in query.range_ends or (query.end,):
+            step = Query(query.metric, query.scope, end - length, end, query.attempt,
+                         query.scopes if query.batched else None, query.range_ends)
+            for item in self.answer(step)["data"]["result"]:
+                key = tuple(sorted(item["metric"].items()))
+                entry = series.setdefault(key, {"metric": item["metric"], "values": []})
+                entry["values"].append(item["value"])
+        result = [series[key] for key in sorted(series)]
+        return {"status": "success", "data": {"resultType": "matrix", "result": result}}
+
+
+def _time(text: str) -> datetime.datetime:
+    """An RFC 3339 or Unix-seconds time parameter."""
+    try:
+        return datetime.datetime.fromtimestamp(float(text), datetime.UTC)
+    except ValueError:
+        return datetime.datetime.fromisoformat(text)
+
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> float | None:
+    """A step parameter (seconds, or a duration such as ``3600s``/``1h``)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    m = _DURATION.fullmatch(text)
+    return int(m.group(1)) * _UNITS[m.group(2)] if m else None
