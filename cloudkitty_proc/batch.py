@@ -48,10 +48,10 @@ if TYPE_CHECKING:  # annotations only
     from cloudkitty_proc.pipeline import Pipeline
 
 #: CollectError kinds of a failed batched query that are not asked again
-#: scope by scope: the server is down or too slow, and would be for each
-#: scope as well (with the collector's retries, that would take the batch's
-#: size times longer to fail)
-NO_FALLBACK_KINDS = frozenset({"connection", "timeout"})
+#: scope by scope: the server refuses connections, and would for each scope
+#: as well (a timeout is asked again: one heavy scope can make a batch too
+#: slow, and scope by scope costs what per-scope queries always cost)
+NO_FALLBACK_KINDS = frozenset({"connection"})
 
 
 class _Member:
@@ -197,18 +197,11 @@ class BatchRun:
                     except Exception as exc:  # noqa: BLE001 - recorded per scope
                         errors.setdefault(scope_id, exc)
                 continue
-            try:
-                got = handle.result()[index] if how == "range" else handle[index].result()
-            except CollectError as exc:
-                if exc.kind in NO_FALLBACK_KINDS:
-                    for scope_id in points:
-                        errors.setdefault(scope_id, exc)
-                    continue
-                self._log_fallback(alive, scopes, metric, begin, exc)
-                got = {}
-            except Exception as exc:  # noqa: BLE001 - a collector bug: each scope alone
-                self._log_fallback(alive, scopes, metric, begin, exc)
-                got = {}
+            got = self._batch_answer(alive, scopes, metric, begin, end, how, handle, index)
+            if isinstance(got, BaseException):  # the server refuses connections
+                for scope_id in points:
+                    errors.setdefault(scope_id, got)
+                continue
             for scope_id in points:
                 mine = got.get(scope_id)
                 if mine is None:
@@ -241,6 +234,37 @@ class BatchRun:
                 frame.add_points(metric.usage_type, mine)
             frames[scope_id] = frame
         return frames
+
+    def _batch_answer(self, alive: dict[str, _Member], scopes: tuple[str, ...], metric: Any,
+                      begin: datetime.datetime, end: datetime.datetime, how: str,
+                      handle: Any, index: int) -> dict | BaseException:
+        """A batched call's answer for period ``index``: {scope: points or
+        None}, where a missing or None scope is then asked alone; {} when
+        the batch failed (every scope asked alone); the error itself when
+        it is not worth asking again (NO_FALLBACK_KINDS). A failed range
+        query is asked again as one instant query for this period first, so
+        that one bad period does not send a whole chunk scope by scope."""
+        try:
+            return handle.result()[index] if how == "range" else handle[index].result()
+        except CollectError as exc:
+            if exc.kind in NO_FALLBACK_KINDS:
+                return exc
+            failure: BaseException = exc
+        except Exception as exc:  # noqa: BLE001 - a collector bug: each scope alone
+            failure = exc
+        if how == "range":
+            live = tuple(s for s in scopes if s in alive)
+            try:
+                return self.pipeline.executor.submit(self._retrieve_batch, metric, live,
+                                                     begin, end).result()
+            except CollectError as exc:
+                if exc.kind in NO_FALLBACK_KINDS:
+                    return exc
+                failure = exc
+            except Exception as exc:  # noqa: BLE001 - as above
+                failure = exc
+        self._log_fallback(alive, scopes, metric, begin, failure)
+        return {}
 
     def _log_fallback(self, alive: dict[str, _Member], scopes: tuple[str, ...], metric: Any,
                       begin: datetime.datetime, exc: BaseException) -> None:

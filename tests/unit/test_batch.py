@@ -203,3 +203,75 @@ def test_a_held_partition_leaves_its_scopes_to_the_holder(conf, storage):
     assert make_worker(conf, storage, BatchCollector(), name="w1").run_pass().committed > 0
     for scope in SCOPES:
         assert storage.get_state(scope).last_processed == LAST
+
+
+class RangeCollector(BatchCollector):
+    """BatchCollector with range queries: ``range_calls`` records (scopes,
+    first begin, periods, metric); ``range_error(periods)`` fails one."""
+
+    def __init__(self, range_error=None, **kw):
+        super().__init__(**kw)
+        self.range_error = range_error or (lambda periods: None)
+        self.range_calls = []
+
+    def retrieve_batch_periods(self, metric, scope_ids, periods):
+        with self.lock:
+            self.range_calls.append((tuple(scope_ids), periods[0][0], len(periods),
+                                     metric.name))
+        exc = self.range_error(periods)
+        if exc is not None:
+            raise exc
+        out = []
+        for begin, end in periods:
+            with self.lock:  # answered here, not as batch calls
+                n = len(self.batch_calls)
+            out.append(super().retrieve_batch(metric, scope_ids, begin, end))
+            with self.lock:
+                del self.batch_calls[n:]
+        return out
+
+
+def test_range_queries_cover_chunks_of_periods(conf, storage):  # noqa: F811
+    conf.set_override("max_periods_per_query", 4, group="collect")
+    collector = RangeCollector()
+    result = make_worker(conf, storage, collector).run_pass()
+    assert result.committed == 5 * 6 and not result.errors
+    # 6 periods in chunks of 4 and 2, two metrics: 4 range queries, nothing else
+    assert sorted((b, n) for _s, b, n, _m in collector.range_calls) == [
+        (T0, 4), (T0, 4), (T0 + 4 * HOUR, 2), (T0 + 4 * HOUR, 2)]
+    assert collector.batch_calls == [] and collector.calls == []
+    for scope in SCOPES:
+        periods = rows_by_period(storage, scope)
+        assert sorted(periods) == [T0 + h * HOUR for h in range(6)]
+        assert periods[T0 + 5 * HOUR] == [("m1", 6), ("two", 6)]
+
+
+def test_a_failed_range_query_is_asked_period_by_period_first(conf, storage):  # noqa: F811
+    """The range query of the first chunk fails (HTTP 422): each of its
+    periods is asked with one batched instant query, not scope by scope."""
+    conf.set_override("max_periods_per_query", 3, group="collect")
+    collector = RangeCollector(range_error=lambda periods: CollectError(
+        "HTTP 422: too many samples", metric="m1", kind="http") if periods[0][0] == T0
+        else None)
+    result = make_worker(conf, storage, collector).run_pass()
+    assert result.committed == 5 * 6 and not result.errors
+    assert {(b, m) for _s, b, m in collector.batch_calls} == {
+        (T0 + h * HOUR, m) for h in range(3) for m in ("m1", "m2")}
+    assert collector.calls == []
+    for scope in SCOPES:
+        assert storage.get_state(scope).last_processed == LAST
+
+
+def test_a_batch_timeout_is_asked_scope_by_scope(conf, storage):  # noqa: F811
+    """A timeout may come from one heavy scope: each scope is asked alone,
+    and only the slow one fails."""
+    collector = BatchCollector(
+        batch_error=lambda begin: CollectError("timed out", metric="m1", kind="timeout")
+        if begin == T0 + HOUR else None,
+        fail=lambda scope, begin: scope == "e" and begin == T0 + HOUR)
+    result = make_worker(conf, storage, collector).run_pass()
+    assert result.errors == 1
+    assert single_calls(collector) == {(s, T0 + HOUR) for s in SCOPES}
+    assert storage.get_state("e").last_processed == T0
+    for scope in "abcd":
+        assert storage.get_state(scope).last_processed == LAST
