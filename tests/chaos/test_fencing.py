@@ -24,9 +24,10 @@ import signal
 import threading
 import time
 
+import pytest
 import redis
 
-from cloudkitty_proc.leases import lock_name
+from cloudkitty_proc.leases import lock_name, partition_lock_name, partition_of
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests import daemon, datagen
 from tests.chaos import helpers
@@ -36,7 +37,19 @@ HOUR = datetime.timedelta(hours=1)
 LOCK_TIMEOUT = 3
 
 
-def test_worker_paused_past_its_lease_cannot_commit(tmp_path, pg_url, redis_url):
+#: the two ways a worker goes through scopes: batched (the default: scopes
+#: leased by partition, collected together, here by range queries of two
+#: periods) and per scope (CloudKitty's queries, one lock per scope)
+MODES = {
+    "batched": ("[collect]\nmax_periods_per_query = 2\n", 64),
+    "per-scope": ("[orchestrator]\nlease_partitions = 0\n"
+                  "[collect]\nmax_scopes_per_query = 1\n", 0),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_worker_paused_past_its_lease_cannot_commit(tmp_path, pg_url, redis_url, mode):
+    mode_conf, partitions = MODES[mode]
     ds = datagen.generate(n_scopes=3, hours=6, seed=31, scope_prefix="fence-")
     scope = ds.scopes[0]  # A's single worker visits it first
     held_begin = ds.begin + 2 * HOUR
@@ -45,8 +58,9 @@ def test_worker_paused_past_its_lease_cannot_commit(tmp_path, pg_url, redis_url)
     lock = threading.Lock()
 
     def fault(q):
-        # hold A's three queries (one per metric) of S's third period
-        if q.scope == scope and q.begin == held_begin:
+        # hold A's three queries (one per metric) of S's third period (with
+        # batches: of the batch holding S, for periods 2 and 3)
+        if scope in q.scopes and q.begin == held_begin:
             with lock:
                 if len(held) < 3:
                     held.append(q.metric)
@@ -61,13 +75,15 @@ def test_worker_paused_past_its_lease_cannot_commit(tmp_path, pg_url, redis_url)
     metrics_yml.write_text(datagen.METRICS_YML)
     coordination = helpers.redis_coordination(redis_url, lock_timeout=LOCK_TIMEOUT)
     namespace = coordination.rsplit("namespace=", 1)[1]
-    lock_key = namespace.encode() + b"_" + lock_name(scope) + b"_lock"
+    lease = (partition_lock_name(partition_of(scope, partitions), partitions) if partitions
+             else lock_name(scope))
+    lock_key = namespace.encode() + b"_" + lease + b"_lock"
     redis_client = redis.Redis.from_url(redis_url)
     with DatasetPrometheus(om, metrics_yml, fault=fault) as prom:
         extra = helpers.ini(f"""
             [orchestrator]
             coordination_url = {coordination}
-            """, helpers.prometheus_collector_conf(prom.url, timeout=60, retries=0))
+            """, helpers.prometheus_collector_conf(prom.url, timeout=60, retries=0), mode_conf)
         conf_a, conf_b = (
             helpers.prepare(tmp_path / name, pg_url, ds, host=f"host-{name}", workers=1,
                             collector="prometheus", extra=extra) for name in ("a", "b"))
@@ -120,7 +136,8 @@ def test_worker_paused_past_its_lease_cannot_commit(tmp_path, pg_url, redis_url)
         of_s = [line for line in dropped if f"scope {scope}]" in line]
         assert len(of_s) == 1, log_a[-4000:]
         assert held_begin.isoformat() in of_s[0]
-        assert len(dropped) <= 2, log_a[-4000:]
+        # (batched: the other scopes of S's batch were refused the same way)
+        assert len(dropped) <= (2 if mode == "per-scope" else len(ds.scopes)), log_a[-4000:]
         assert "storing period" not in log_a, log_a[-4000:]
         # ... and the store holds every period once, S's last ones by B
         assert not datagen.check_export(ds, daemon.export(conf_a))

@@ -89,14 +89,17 @@ def test_sigterm_abandons_a_hung_period_within_the_timeout(tmp_path, sqlite_url,
     graceful shutdown timeout): SIGTERM abandons that period, nothing of it
     is stored, the worker frees its Redis lock on the way out, and the
     daemon exits within graceful_shutdown_timeout."""
-    ds = datagen.generate(n_scopes=2, hours=6, seed=52, scope_prefix="hang-")
+    ds = datagen.generate(n_scopes=2, hours=8, seed=52, scope_prefix="hang-")
     om, metrics_yml = _files(tmp_path, ds)
-    hung_scope, hung_begin = ds.scopes[0], ds.begin + 3 * HOUR
+    # the worker asks 6 periods per range query (max_periods_per_query): the
+    # hung query is that of periods 6 and 7, after the first 6 committed
+    hung_scope, hung_begin = ds.scopes[0], ds.begin + 7 * HOUR
+    last_committed = ds.begin + 5 * HOUR
     release = threading.Event()
     held = []
 
     def fault(q):
-        if q.scope == hung_scope and q.begin == hung_begin and release.is_set() is False:
+        if hung_scope in q.scopes and q.begin == hung_begin and release.is_set() is False:
             held.append(q)
             return ("hold", release)
         return None
@@ -133,7 +136,7 @@ def test_sigterm_abandons_a_hung_period_within_the_timeout(tmp_path, sqlite_url,
         # the lock was freed on the way out, not left to its 60 s lease
         assert redis_client.keys(f"{namespace}_*_lock") == []
         state = helpers.state_of(conf)[hung_scope]
-        assert state["last_processed"] == (hung_begin - HOUR).isoformat()
+        assert state["last_processed"] == last_committed.isoformat()
         assert state["last_error"] is None
         _assert_whole_periods(ds, conf, sqlite_url)
         # a new run does not wait for a lease
