@@ -91,17 +91,8 @@ def build_query(metric: MetricDef, scope_key: str, scope_id: str, period: int) -
     joined with a space when non-empty.
     """
     args = metric.extra_args
-    agg = args.get("aggregation_method", "max")
-    query = f'{metric.name}{{{scope_key}="{escape_label_value(scope_id)}"}}[{period}s]'
-    range_function = args.get("range_function")
-    if range_function:
-        query = f"{range_function}({query})"
-    else:
-        query = f"{agg}_over_time({query})"
-    query_function = args.get("query_function")
-    if query_function:
-        query = f"{query_function}({query})"
-    query = f"{agg}({query}) by ({', '.join(grouping(metric))})"
+    matcher = f'{scope_key}="{escape_label_value(scope_id)}"'
+    query = _aggregated(metric, matcher, period, grouping(metric))
     if args.get("query_prefix"):
         query = f"{args['query_prefix']} {query}"
     if args.get("query_suffix"):
@@ -145,10 +136,18 @@ def build_batch_query(metric: MetricDef, scope_key: str, scope_ids: Sequence[str
     groups of one scope are those of its own query. Only for a
     :func:`batchable` metric (prefix and suffix are not written).
     """
+    regex = "|".join(quote_meta(scope_id) for scope_id in scope_ids)
+    labels = [scope_key, *(label for label in grouping(metric) if label != scope_key)]
+    return _aggregated(metric, f'{scope_key}=~"{escape_label_value(regex)}"', period, labels)
+
+
+def _aggregated(metric: MetricDef, matcher: str, period: int, labels: Sequence[str]) -> str:
+    """``<agg>(<qf>(<agg>_over_time(<metric>{<matcher>}[<period>s]))) by
+    (<labels>)``, the range function and query function of the metric's
+    extra_args applied (build_query's shape, prefix and suffix aside)."""
     args = metric.extra_args
     agg = args.get("aggregation_method", "max")
-    regex = "|".join(quote_meta(scope_id) for scope_id in scope_ids)
-    query = f'{metric.name}{{{scope_key}=~"{escape_label_value(regex)}"}}[{period}s]'
+    query = f"{metric.name}{{{matcher}}}[{period}s]"
     range_function = args.get("range_function")
     if range_function:
         query = f"{range_function}({query})"
@@ -157,7 +156,6 @@ def build_batch_query(metric: MetricDef, scope_key: str, scope_ids: Sequence[str
     query_function = args.get("query_function")
     if query_function:
         query = f"{query_function}({query})"
-    labels = [scope_key, *(label for label in grouping(metric) if label != scope_key)]
     return f"{agg}({query}) by ({', '.join(labels)})"
 
 

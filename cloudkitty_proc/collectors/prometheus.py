@@ -254,12 +254,7 @@ class PrometheusCollector(BaseCollector):
                     out[scope_id] = None
             return out
 
-        try:
-            return self._with_retries(once, context)
-        except (_Retryable, CollectError) as exc:   # retries exhausted, or 4xx
-            message = exc.message if isinstance(exc, _Retryable) else str(exc)
-            raise CollectError(f"batch of {len(scope_ids)} scopes: {message}",
-                               metric=metric.label, kind=exc.kind) from None
+        return self._batch_call(once, context, metric, f"batch of {len(scope_ids)} scopes")
 
     def retrieve_batch_periods(
             self, metric: MetricDef, scope_ids: Sequence[str],
@@ -366,12 +361,19 @@ class PrometheusCollector(BaseCollector):
                 out.append(points)
             return out
 
+        return self._batch_call(once, context, metric,
+                                f"batch of {len(scope_ids)} scopes, {count} periods")
+
+    def _batch_call(self, once: Callable[[], Any], context: str, metric: MetricDef,
+                    what: str) -> Any:
+        """``once()`` with the retries; CollectError "<what>: <reason>" (no
+        scope: it is the batch's) when they are exhausted, or on a 4xx."""
         try:
             return self._with_retries(once, context)
         except (_Retryable, CollectError) as exc:   # retries exhausted, or 4xx
             message = exc.message if isinstance(exc, _Retryable) else str(exc)
-            raise CollectError(f"batch of {len(scope_ids)} scopes, {count} periods: {message}",
-                               metric=metric.label, kind=exc.kind) from None
+            raise CollectError(f"{what}: {message}", metric=metric.label,
+                               kind=exc.kind) from None
 
     def _batch_query(self, metric: MetricDef, scope_ids: Sequence[str],
                      period: int) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -52,16 +53,6 @@ _state_t = models.scope_state
 _period_t = models.rated_period
 _data_t = models.rated_data
 _setting_t = models.processor_setting
-
-_OWN_CAS = (
-    _state_t.update()
-    .where(_state_t.c.scope_id == sa.bindparam("b_scope_id"),
-           _state_t.c.version == sa.bindparam("b_version"))
-    .values(version=_state_t.c.version + 1,
-            last_processed=sa.bindparam("b_last_processed"),
-            last_commit_at=sa.bindparam("b_now"), updated_at=sa.bindparam("b_now"),
-            last_error=None, last_error_kind=None, last_error_at=None))
-
 
 def _merge(scope_id: str, own: sa.Row | None, theirs: sa.Row | None) -> ScopeState:
     """A ScopeState from our row and CloudKitty's (either may be None)."""
@@ -85,6 +76,7 @@ class CloudKittyStates:
     engine: sa.Engine
     reader_engine: sa.Engine
     ck_identity: ScopeIdentity
+    _advance_state: Any  # SQLStorage's
 
     # -- reading ------------------------------------------------------------
     def get_state(self, scope_id: str) -> ScopeState:
@@ -122,13 +114,10 @@ class CloudKittyStates:
 
     def _own_cas(self, connection: sa.Connection, scope_id: str, expected_version: int,
                  begin: datetime.datetime, now: datetime.datetime) -> bool:
-        """Our scope_state compare-and-set on the version (the ``sql``
-        backend's); False when it moved."""
-        result = connection.execute(_OWN_CAS, {
-            "b_scope_id": scope_id, "b_version": expected_version,
-            "b_last_processed": begin, "b_now": now})
-        if result.rowcount == 1:
-            return True
+        """Our scope_state compare-and-set on the version: the ``sql``
+        backend's (``SQLStorage._advance_state``, this mixin's base); False
+        when it moved."""
+        return self._advance_state(connection, scope_id, expected_version, begin, now)
         if expected_version != 0:
             return False
         try:
