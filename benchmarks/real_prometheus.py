@@ -85,30 +85,39 @@ def rfc3339(ts: float) -> str:
 
 
 def worker_queries(metrics: list[tuple], scope_key: str, scopes: list[str], begin: float,
-                   periods: int, per_query: int) -> list[tuple[str, str, int]]:
-    """(query, time, scope-periods it covers / metrics) of one worker's share,
-    in the daemon's order: a scope (or a batch of scopes), its periods, the
-    metrics of a period."""
+                   periods: int, per_query: int,
+                   per_range: int = 1) -> list[tuple[str, dict, int]]:
+    """(path, parameters, scope-periods it covers / metrics) of one
+    worker's share, in the daemon's order: a scope (or a batch of scopes),
+    its periods (chunks of ``per_range`` periods asked by one range query
+    when batched), the metrics of a period or chunk."""
     out = []
     batched = per_query > 1
+    chunk = per_range if batched else 1
     groups = [scopes[i:i + per_query] for i in range(0, len(scopes), per_query)]
     for group in groups:
         texts = [query_text(m, agg, labels, scope_key, group, batched)
                  for m, agg, labels in metrics]
-        for p in range(periods):
-            t = rfc3339(begin + (p + 1) * HOUR)
+        for first in range(0, periods, chunk):
+            n = min(chunk, periods - first)
+            ends = [rfc3339(begin + (p + 1) * HOUR) for p in range(first, first + n)]
             for text in texts:
-                out.append((text, t, len(group)))
+                if n == 1:
+                    out.append(("/api/v1/query", {"query": text, "time": ends[0]}, len(group)))
+                else:
+                    out.append(("/api/v1/query_range",
+                                {"query": text, "start": ends[0], "end": ends[-1],
+                                 "step": f"{HOUR}s"}, len(group) * n))
     return out
 
 
-def encode_request(query: str, time_text: str) -> tuple[str, str, bytes | None]:
+def encode_request(path: str, params: dict) -> tuple[str, str, bytes | None]:
     """(method, target, form body): GET, or a form POST when the urlencoded
     parameters exceed MAX_GET_QUERY bytes."""
-    params = urllib.parse.urlencode({"query": query, "time": time_text})
-    if len(params) > MAX_GET_QUERY:
-        return "POST", "/api/v1/query", params.encode()
-    return "GET", "/api/v1/query?" + params, None
+    encoded = urllib.parse.urlencode(params)
+    if len(encoded) > MAX_GET_QUERY:
+        return "POST", path, encoded.encode()
+    return "GET", f"{path}?{encoded}", None
 
 
 # ---------------------------------------------------------------------------
@@ -421,7 +430,7 @@ def _client_process(host: str, port: int, queries: list, connections: int, gzip:
     headers = {"Accept": "application/json", "Accept-Encoding": "gzip" if gzip else "identity",
                "User-Agent": "bench-bound"}
     form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
-    requests = [encode_request(q, t) + (n,) for q, t, n in queries]
+    requests = [encode_request(path, params) + (n,) for path, params, n in queries]
     nxt = itertools.count()
     total = len(requests)
     conns = [http.client.HTTPConnection(host, port, timeout=300) for _ in range(connections)]

@@ -251,6 +251,7 @@ class RunSpec:
     prometheus: str = "fake"
     #: options written only when given (an older tree lacks them)
     max_scopes_per_query: int | None = None
+    max_periods_per_query: int | None = None
     lease_partitions: int | None = None
     compress: bool = False
     #: run the daemon from this source tree (PYTHONPATH and cwd)
@@ -281,6 +282,8 @@ class RunSpec:
             extra += f" prom={self.prometheus}"
         if self.max_scopes_per_query is not None:
             extra += f" q={self.max_scopes_per_query}"
+        if self.max_periods_per_query is not None:
+            extra += f" qp={self.max_periods_per_query}"
         if self.lease_partitions is not None:
             extra += f" lp={self.lease_partitions}"
         if self.compress:
@@ -451,6 +454,8 @@ def first_worker_start(log: pathlib.Path) -> float | None:
 
 #: [collect] max_scopes_per_query's default in cloudkitty_proc/conf.py
 DAEMON_SCOPES_PER_QUERY = 200
+#: [collect] max_periods_per_query's default
+DAEMON_PERIODS_PER_QUERY = 6
 
 
 def run_bound_client(spec: RunSpec, server: RealServerHandle) -> dict:
@@ -462,14 +467,16 @@ def run_bound_client(spec: RunSpec, server: RealServerHandle) -> dict:
     per_query = spec.max_scopes_per_query or DAEMON_SCOPES_PER_QUERY
     scopes = scope_names(spec.scopes)
     shares = [scopes[i::spec.workers] for i in range(spec.workers)]
+    per_range = spec.max_periods_per_query or DAEMON_PERIODS_PER_QUERY
     per_worker = [real_prometheus.worker_queries(bound_metrics(), SCOPE_KEY, share,
-                                                 BEGIN.timestamp(), spec.periods, per_query)
+                                                 BEGIN.timestamp(), spec.periods, per_query,
+                                                 per_range)
                   for share in shares]
     cpu0 = server.cpu_seconds()
     b = real_prometheus.run_bound(server.url, per_worker, spec.greenthreads, spec.compress)
     cpu1 = server.cpu_seconds()
     sp = b["scope_queries"] / spec.metrics
-    b.update(scope_periods=sp, per_query=per_query,
+    b.update(scope_periods=sp, per_query=per_query, per_range=per_range,
              scope_periods_per_s=sp / b["elapsed_s"] if b["elapsed_s"] else None,
              prom_cpu_s=(cpu1 - cpu0) if cpu0 is not None else None)
     b["prom_cpu_ms_per_scope_period"] = (b["prom_cpu_s"] / sp * 1000
@@ -508,6 +515,8 @@ def write_config(spec: RunSpec, workdir: pathlib.Path, prom_url: str) -> pathlib
         "[collect]",
         *([f"max_scopes_per_query = {spec.max_scopes_per_query}"]
           if spec.max_scopes_per_query is not None else []),
+        *([f"max_periods_per_query = {spec.max_periods_per_query}"]
+          if spec.max_periods_per_query is not None else []),
         "collector = prometheus",
         "period = 3600",
         "wait_periods = 1",
@@ -1495,7 +1504,8 @@ def print_real(s: dict, spec: RunSpec) -> None:
     if not b:
         print("  bound          not measured")
         return
-    shape = "per scope" if b["per_query"] == 1 else f"batches of {b['per_query']} scopes"
+    shape = ("per scope" if b["per_query"] == 1 else
+             f"batches of {b['per_query']} scopes x {b['per_range']} periods")
     print(f"  bound          {fmt(b['scope_periods_per_s'])} scope-periods/s: a minimal client, "
           f"{spec.workers} process(es) x {spec.greenthreads} keep-alive connections, "
           f"{b['queries']:,} queries ({shape}, {'gzip' if spec.compress else 'identity'}), "
@@ -1597,6 +1607,7 @@ def spec_from_args(args: argparse.Namespace, **over) -> RunSpec:
               prometheus=args.prometheus or ("real" if args.workload in REAL_WORKLOADS
                                              else "fake"),
               max_scopes_per_query=args.max_scopes_per_query,
+              max_periods_per_query=args.max_periods_per_query,
               lease_partitions=args.lease_partitions, compress=args.compress,
               code=args.code, sample_interval=args.sample_interval,
               bound_client=args.bound, **w)
@@ -1638,6 +1649,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-scopes-per-query", type=int,
                     help="[collect] max_scopes_per_query (default: not written, the "
                     "daemon's default); the bound client uses the same query shape")
+    ap.add_argument("--max-periods-per-query", type=int,
+                    help="[collect] max_periods_per_query (default: not written); 1: "
+                    "instant queries, one per period; the bound client does the same")
     ap.add_argument("--lease-partitions", type=int,
                     help="[orchestrator] lease_partitions (default: not written)")
     ap.add_argument("--compress", action="store_true",
