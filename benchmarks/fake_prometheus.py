@@ -42,6 +42,9 @@ times the CPU per query (``compare_fakes.py``, README).
 Endpoints:
 
 ``GET|POST /api/v1/query``          the query above (``query``, ``time``)
+``GET|POST /api/v1/query_range``    the same at each step (``start``, ``end``,
+                                    ``step``): a matrix, as the daemon's range
+                                    batches ask
 ``GET /api/v1/status/buildinfo``    what ``cloudkitty-proc-manage check`` asks
 ``GET /_stats``                     counters (JSON, see :meth:`Stats.as_dict`)
 ``GET /_trace``                     (start, end, scope, connection) of every query
@@ -298,6 +301,30 @@ class ReplyGenerator:
                 items += [f'{p}{tstext},"{v}"]}}' for p, v in zip(prefixes, values)]
         return ('{"status":"success","data":{"resultType":"vector","result":['
                 + ",".join(items) + "]}}").encode(), len(items)
+
+    def render_range_counted(self, query: str, start: float, end: float,
+                             step: float) -> tuple[bytes, int]:
+        """(reply, number of (series, step) values) of a range query: each
+        series with its value at every step, as the instant query at that
+        step answers it (a matrix, the daemon's range batches)."""
+        metric, scope_label, scope, labels = parse_query(query)
+        steps = []
+        t = start
+        while t <= end + 1e-9:
+            steps.append(t)
+            t += step
+        texts = [_ts_text(t) for t in steps]
+        items = []
+        count = 0
+        for one in (scope if isinstance(scope, tuple) else (scope,)):
+            prefixes = self._prefixes(metric, labels, scope_label, one, self.series)
+            by_step = [series_values(metric, one, self.series, t) for t in steps]
+            for i, prefix in enumerate(prefixes):
+                values = ",".join(f'[{ts},"{vals[i]}"]' for ts, vals in zip(texts, by_step))
+                items.append(prefix[:-len('"value":[')] + '"values":[' + values + "]}")
+                count += len(steps)
+        return ('{"status":"success","data":{"resultType":"matrix","result":['
+                + ",".join(items) + "]}}").encode(), count
 
 
 # ---------------------------------------------------------------------------
@@ -717,7 +744,7 @@ class FakePrometheus:
         params = _parse_qs(query_string.partition("#")[0])
         if method == "POST" and body and form:
             params.update(_parse_qs(body.decode()))
-        if path == "/api/v1/query":
+        if path in ("/api/v1/query", "/api/v1/query_range"):
             if method not in ("GET", "POST"):
                 self.stats_.other += 1
                 return 405, {"status": "error", "errorType": "bad_data",
@@ -727,7 +754,7 @@ class FakePrometheus:
                 st.first_query_at = time.time() - (time.monotonic() - arrived)
             st.active += 1
             st.max_active = max(st.max_active, st.active)
-            status, payload = self._answer(params)
+            status, payload = self._answer(params, path.endswith("_range"))
             return status, payload, arrived + self.latency, params.get("query", "")
         self.stats_.other += 1
         if path == "/api/v1/status/buildinfo":
@@ -741,7 +768,7 @@ class FakePrometheus:
             return 200, {"status": "success"}, arrived, None
         return 404, {"status": "error", "errorType": "not_found", "error": path}, arrived, None
 
-    def _answer(self, params: dict) -> tuple[int, Any]:
+    def _answer(self, params: dict, ranged: bool = False) -> tuple[int, Any]:
         st = self.stats_
         query = params.get("query")
         if not query:
@@ -749,11 +776,17 @@ class FakePrometheus:
             return 400, {"status": "error", "errorType": "bad_data",
                          "error": "missing query parameter"}
         try:
-            ts = parse_time(params.get("time"))
             # wall time: the loop does nothing else meanwhile, so it is about
             # the CPU time, without process_time()'s two system calls
             t0 = time.perf_counter()
-            raw, count = self.generator.render_counted(query, ts)
+            if ranged:
+                step = params.get("step", "")
+                raw, count = self.generator.render_range_counted(
+                    query, parse_time(params.get("start")), parse_time(params.get("end")),
+                    float(step[:-1] if step.endswith("s") else step))
+            else:
+                raw, count = self.generator.render_counted(query,
+                                                           parse_time(params.get("time")))
             st.render_seconds += time.perf_counter() - t0
         except QueryError as exc:
             st.errors += 1
