@@ -100,8 +100,10 @@ RESTART_AFTER_KILL = {6: "redis", 12: "rabbitmq", 18: "postgresql"}
 
 def test_chaos_kills_and_service_restarts(tmp_path, pg_url, redis_url, amqp_url):
     """Acceptance 2: the same two-daemon run, slowed down by a Prometheus
-    that answers in 90 ms with 2 concurrent queries per worker, while 22
-    workers are SIGKILLed at random (cotyledon respawns them) and Redis
+    that answers in 150 ms with 2 concurrent queries per worker and batches
+    of two scopes asked period by period (batched queries cut the queries
+    by the batch size: the run must last as long as the fault plan), while
+    22 workers are SIGKILLed at random (cotyledon respawns them) and Redis
     (every lock lost), RabbitMQ and PostgreSQL are each restarted once.
 
     The run must end by itself. A scope whose period failed during a
@@ -114,11 +116,14 @@ def test_chaos_kills_and_service_restarts(tmp_path, pg_url, redis_url, amqp_url)
     metrics_yml = tmp_path / "metrics.yml"
     metrics_yml.write_text(datagen.METRICS_YML)
     rng = random.Random(2026)
-    with DatasetPrometheus(om, metrics_yml, delay=0.09) as prom:
+    with DatasetPrometheus(om, metrics_yml, delay=0.15) as prom:
         extra = helpers.ini("""
             [orchestrator]
             max_threads = 2
             lookahead_periods = 2
+            [collect]
+            max_scopes_per_query = 2
+            max_periods_per_query = 1
             """, helpers.prometheus_collector_conf(prom.url, timeout=10, retries=3,
                                                      max_backoff=1))
         topic = "ckp-chaos-" + uuid.uuid4().hex[:8]

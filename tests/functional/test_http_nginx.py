@@ -190,7 +190,9 @@ def log_since(site, mark, count):
 @pytest.mark.parametrize("executor", ["greenpool", "threads"])
 def test_through_nginx_gzip_keep_alive_and_path_prefix(site, expected, executor):
     mark = len(access_log(site.work))
-    coll = collector(site.http + "/prom/", executor)
+    # replies gzipped when the collector asks for it ([collector_prometheus]
+    # compress_replies; off by default: test_collector_prometheus.py)
+    coll = collector(site.http + "/prom/", executor, compress_replies=True)
     try:
         assert answers(coll) == expected
     finally:
