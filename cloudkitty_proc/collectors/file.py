@@ -37,7 +37,7 @@ from collections.abc import Iterable
 
 from oslo_config import cfg
 
-from cloudkitty_proc import promql
+from cloudkitty_proc import promql, promql_eval
 from cloudkitty_proc.collectors import _openmetrics
 from cloudkitty_proc.collectors.base import BaseCollector, RawSeries
 from cloudkitty_proc.exceptions import ConfigError
@@ -87,7 +87,7 @@ class FileCollector(BaseCollector):
                      ) -> dict[str, dict[str, list[_Series]]]:
         scope_key = self.scope_key
         ordered = sorted(parsed.series,
-                         key=lambda s: (s.name, promql.series_sort_key(s.name, s.labels)))
+                         key=lambda s: (s.name, promql_eval.series_sort_key(s.name, s.labels)))
         index: dict[str, dict[str, list[_Series]]] = {}
         for s in ordered:
             labels = dict(s.labels)
@@ -109,10 +109,10 @@ class FileCollector(BaseCollector):
             return []
         lo_ms, hi_ms = _ms(begin), _ms(end)
         agg = metric.extra_args.get("aggregation_method", "max")
-        over_time = promql.OVER_TIME[agg]
-        across = promql.AGGREGATE[agg]
+        over_time = promql_eval.OVER_TIME[agg]
+        across = promql_eval.AGGREGATE[agg]
         qf_name = metric.extra_args.get("query_function")
-        qf = promql.QUERY_FUNCTIONS[qf_name] if qf_name else None
+        qf = promql_eval.QUERY_FUNCTIONS[qf_name] if qf_name else None
         keys = promql.grouping(metric)
         groups: dict[tuple[str, ...], list[float]] = {}
         for labels, timestamps, values in series:
@@ -125,5 +125,5 @@ class FileCollector(BaseCollector):
                 value = qf(value)
             key = tuple(labels.get(k, "") for k in keys)
             groups.setdefault(key, []).append(value)
-        return [({k: v for k, v in zip(keys, key) if v}, promql.format_value(across(values)))
+        return [({k: v for k, v in zip(keys, key) if v}, promql_eval.format_value(across(values)))
                 for key, values in groups.items()]

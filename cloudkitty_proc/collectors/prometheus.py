@@ -8,16 +8,9 @@ as an instant query at ``time=end``::
 
 and returns one (labels, value) pair per item of the reply.
 
-:meth:`PrometheusCollector.retrieve_batch` asks several scopes in one query
-(:func:`cloudkitty_proc.promql.build_batch_query`: ``<scope_key>=~"a|b|c"``,
-``by (<scope_key>, ...)``) and splits the reply by scope; a query whose
-encoded form is longer than :data:`POST_QUERY_BYTES` is sent as a
-form-encoded ``POST`` to the same path instead of a ``GET``.
-:meth:`PrometheusCollector.retrieve_batch_periods` asks the same batched
-query for several consecutive periods in one range query
-(``/api/v1/query_range``, a step per period end): Prometheus evaluates the
-instant query at each step, for a quarter of the CPU of as many instant
-queries (0.033 vs 0.13 ms per scope-period, Prometheus 2.42, 6 periods).
+Batches (several scopes, several periods in one query) are
+:class:`~cloudkitty_proc.collectors.prometheus_batch.PrometheusBatches`'s,
+mixed into :class:`PrometheusCollector`.
 
 HTTP goes through :class:`cloudkitty_proc.http.Transport` (keep-alive
 connections, one per concurrent query of the worker: ``max(10,
@@ -60,11 +53,9 @@ An empty result is no data (``[]``), not an error.
 from __future__ import annotations
 
 import datetime
-import itertools
-import json
 import logging
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -72,7 +63,16 @@ import tenacity
 from oslo_config import cfg
 
 from cloudkitty_proc import http, promql
+from cloudkitty_proc.collectors._prometheus_common import (
+    QUERY_PATH,
+    Retryable,
+    cut_text,
+    error_detail,
+    excerpt,
+    query_text,
+)
 from cloudkitty_proc.collectors.base import BaseCollector, RawSeries
+from cloudkitty_proc.collectors.prometheus_batch import PrometheusBatches
 from cloudkitty_proc.dataframe import DataPoint
 from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.log import safe_url
@@ -119,42 +119,18 @@ OPTS = [("collector_prometheus", collector_prometheus_opts)]
 
 LOG = logging.getLogger(__name__)
 
-_QUERY_PATH = "/api/v1/query"
-_RANGE_PATH = "/api/v1/query_range"
 #: query targets kept (one per metric and scope; cleared when full): the
 #: scopes in hand need a few, and 10,000 scopes x 5 metrics cost 3 MB of RSS
 QUERY_TARGET_CACHE = 512
-
-#: the most characters of a server's error text kept in a message
-ERROR_TEXT_LIMIT = 300
-
-#: batch queries kept (one per metric and batch in flight: a worker has
-#: one batch at a time)
-BATCH_QUERY_CACHE = 64
 
 #: period ends whose time parameter is kept (the periods queued ahead need
 #: a few)
 QUERY_TIME_CACHE = 256
 
-#: a query whose urlencoded parameters are longer than this (bytes) is sent
-#: as a form-encoded POST body rather than in the URL: proxies in front of
-#: Prometheus refuse long request lines (nginx's large_client_header_buffers
-#: is 8 KB, some load balancers stop at 4 KB), and a batch of a few hundred
-#: scopes makes a query of 10 KB or more. Prometheus takes both forms.
-POST_QUERY_BYTES = 4096
-
 _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, kind: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.retry_after = retry_after
-
-
-class PrometheusCollector(BaseCollector):
+class PrometheusCollector(PrometheusBatches, BaseCollector):
     extra_args_schema = PROMQL_EXTRA_ARGS
 
     def __init__(self, conf: cfg.ConfigOpts, metrics: MetricsConf) -> None:
@@ -169,7 +145,7 @@ class PrometheusCollector(BaseCollector):
         #: green I/O for the GreenPool executor, plain I/O for real threads
         self.green = conf.orchestrator.collect_executor != "threads"
         self._sleep = http.sleeper(self.green)
-        self._query_where = f"GET {self.safe_url}{_QUERY_PATH}"
+        self._query_where = f"GET {self.safe_url}{QUERY_PATH}"
         # One keep-alive connection per concurrent query of the worker.
         self._http = http.Transport(
             self.url, option="[collector_prometheus] prometheus_url", green=self.green,
@@ -199,197 +175,6 @@ class PrometheusCollector(BaseCollector):
         reply."""
         return self._collect(metric, scope_id, begin, end, True)
 
-    def batchable(self, metric: MetricDef) -> bool:
-        """Whether :meth:`retrieve_batch` may ask ``metric`` (see
-        :func:`cloudkitty_proc.promql.batchable`)."""
-        return promql.batchable(metric)
-
-    def retrieve_batch(self, metric: MetricDef, scope_ids: Sequence[str],
-                       begin: datetime.datetime,
-                       end: datetime.datetime) -> dict[str, list[DataPoint] | None]:
-        """:meth:`retrieve` for several scopes in ONE instant query at
-        ``time=end`` (only for a :meth:`batchable` metric).
-
-        Returns one entry per scope id asked: its DataPoints, as
-        :meth:`retrieve` returns them for that scope alone (same
-        conversion, in the order of the reply; ``[]`` when the reply has
-        none of its series), or None when a value of one of its series is
-        not a quantity (not a finite number, or negative): the caller asks
-        that scope alone with :meth:`retrieve`, which retries it. Items of
-        other scopes are ignored.
-
-        When the query fails (after the retries :meth:`retrieve` makes:
-        timeouts, connection errors, 5xx, malformed or partial replies;
-        other 4xx at once) raises CollectError naming the metric and the
-        batch size, ``scope_id`` None, ``kind`` that of the failure. Safe to
-        call concurrently, like :meth:`retrieve`.
-        """
-        period = promql.period_seconds(begin, end)
-        query, encoded_query = self._batch_query(metric, scope_ids, period)
-        time_text, encoded_time = self._time(end)
-        params = {"query": query, "time": time_text}
-        encoded = f"{encoded_query}&time={encoded_time}"
-        if len(encoded) > POST_QUERY_BYTES:
-            method, target, body = "POST", None, encoded
-        else:
-            method, target, body = "GET", self._http.target(_QUERY_PATH, encoded), None
-        scope_key = self.scope_key
-        context = f"metric {metric.label}: batch of {len(scope_ids)} scopes"
-
-        def once() -> dict[str, list[DataPoint] | None]:
-            data = self._get(_QUERY_PATH, params, target, method=method, body=body)
-            split: dict[str, list[RawSeries]] = {scope_id: [] for scope_id in scope_ids}
-            for item in self._vector(data, query, method=method):
-                scope_id = item[0].get(scope_key)
-                mine = split.get(scope_id) if type(scope_id) is str else None
-                if mine is not None:
-                    mine.append(item)
-            out: dict[str, list[DataPoint] | None] = {}
-            for scope_id, series in split.items():
-                try:
-                    out[scope_id] = self.to_points(metric, scope_id, series)
-                except CollectError as exc:   # a value that is not a quantity
-                    LOG.debug("%s: scope %s left for a query of its own: %s", context,
-                              scope_id, exc)
-                    out[scope_id] = None
-            return out
-
-        return self._batch_call(once, context, metric, f"batch of {len(scope_ids)} scopes")
-
-    def retrieve_batch_periods(
-            self, metric: MetricDef, scope_ids: Sequence[str],
-            periods: Sequence[tuple[datetime.datetime, datetime.datetime]],
-    ) -> list[dict[str, list[DataPoint] | None]]:
-        """:meth:`retrieve_batch` for several consecutive periods of equal
-        length in ONE range query (only for a :meth:`batchable` metric).
-
-        Returns one dict per period, in the order of ``periods``, each as
-        :meth:`retrieve_batch` returns it for that period: one entry per
-        scope id asked, its DataPoints (``[]`` when the reply has no value
-        of it at that period's end), or None when a value of one of its
-        series at that step is not a quantity (the caller asks that scope
-        alone for that period with :meth:`retrieve`).
-
-        The query is :func:`~cloudkitty_proc.promql.build_batch_query`'s
-        text, sent to ``/api/v1/query_range`` with ``start`` = the first
-        period's end, ``end`` = the last one's and ``step`` = the period
-        length: Prometheus evaluates the instant query at each step, so the
-        values are those of the instant queries at each ``time=end``. Each
-        value goes to the period whose end is its timestamp. The order of
-        the points of one (scope, period) may differ from
-        :meth:`retrieve_batch`'s: Prometheus sorts the series of a range
-        reply by their labels, while an instant reply keeps the order of
-        the aggregation; the points themselves (values, labels) are the
-        same. With one period, this is :meth:`retrieve_batch`.
-
-        Raises ValueError when ``periods`` is empty, or not consecutive
-        periods of one length (whole seconds, at least one). When the
-        query fails (after the retries :meth:`retrieve_batch` makes; a
-        reply that is not a matrix, a value at a time that is not one of
-        the period ends, or any malformed item makes the whole reply
-        malformed) raises CollectError naming the metric, the batch size
-        and the number of periods, ``scope_id`` None, ``kind`` that of the
-        failure (Prometheus refuses a range of more than 11,000 steps: a
-        4xx, not retried).
-        """
-        if not periods:
-            raise ValueError("no period to collect")
-        begin, end = periods[0]
-        period = promql.period_seconds(begin, end)
-        if period < 1 or end - begin != datetime.timedelta(seconds=period):
-            raise ValueError(f"period {begin.isoformat()} - {end.isoformat()} is not a "
-                             "positive whole number of seconds")
-        if len(periods) == 1:
-            return [self.retrieve_batch(metric, scope_ids, begin, end)]
-        length = end - begin
-        for (b0, e0), (b1, e1) in itertools.pairwise(periods):
-            if b1 != e0 or e1 - b1 != length:
-                raise ValueError(
-                    f"periods are not consecutive ones of {period} s: "
-                    f"{b0.isoformat()} - {e0.isoformat()} then "
-                    f"{b1.isoformat()} - {e1.isoformat()}")
-        count = len(periods)
-        query, encoded_query = self._batch_query(metric, scope_ids, period)
-        start_text, encoded_start = self._time(end)
-        end_text, encoded_end = self._time(periods[-1][1])
-        step = f"{period}s"
-        params = {"query": query, "start": start_text, "end": end_text, "step": step}
-        encoded = f"{encoded_query}&start={encoded_start}&end={encoded_end}&step={step}"
-        if len(encoded) > POST_QUERY_BYTES:
-            method, target, body = "POST", None, encoded
-        else:
-            method, target, body = "GET", self._http.target(_RANGE_PATH, encoded), None
-        # a step's timestamp (seconds, as Prometheus writes it) -> its period
-        index = {_timestamp(e): i for i, (_b, e) in enumerate(periods)}
-        scope_key = self.scope_key
-        context = (f"metric {metric.label}: batch of {len(scope_ids)} scopes, "
-                   f"{count} periods")
-
-        def once() -> list[dict[str, list[DataPoint] | None]]:
-            data = self._get(_RANGE_PATH, params, target, method=method, body=body)
-            splits: list[dict[str, list[RawSeries]]] = [
-                {scope_id: [] for scope_id in scope_ids} for _ in range(count)]
-            first = splits[0]
-            for labels, values in self._matrix(data, query, method):
-                scope_id = labels.get(scope_key)
-                # another scope's series (or none): checked, not kept
-                mine = type(scope_id) is str and scope_id in first
-                for value in values:
-                    try:
-                        ts, raw = value
-                        i = index[ts] if type(ts) in (int, float) else None
-                    except (TypeError, ValueError, KeyError):
-                        i = None
-                    if i is None or type(raw) is not str:
-                        raise self._malformed(
-                            method, _RANGE_PATH, query,
-                            f"malformed value {str(value)[:100]!r} (expected [<one of "
-                            f"the {count} period ends>, \"<value>\"])")
-                    if mine:
-                        splits[i][scope_id].append((labels, raw))
-            out: list[dict[str, list[DataPoint] | None]] = []
-            for (_b, e), split in zip(periods, splits):
-                points: dict[str, list[DataPoint] | None] = {}
-                for scope_id, series in split.items():
-                    try:
-                        points[scope_id] = self.to_points(metric, scope_id, series)
-                    except CollectError as exc:   # a value that is not a quantity
-                        LOG.debug("%s: scope %s left for a query of its own for the "
-                                  "period ending %s: %s", context, scope_id, e.isoformat(),
-                                  exc)
-                        points[scope_id] = None
-                out.append(points)
-            return out
-
-        return self._batch_call(once, context, metric,
-                                f"batch of {len(scope_ids)} scopes, {count} periods")
-
-    def _batch_call(self, once: Callable[[], Any], context: str, metric: MetricDef,
-                    what: str) -> Any:
-        """``once()`` with the retries; CollectError "<what>: <reason>" (no
-        scope: it is the batch's) when they are exhausted, or on a 4xx."""
-        try:
-            return self._with_retries(once, context)
-        except (_Retryable, CollectError) as exc:   # retries exhausted, or 4xx
-            message = exc.message if isinstance(exc, _Retryable) else str(exc)
-            raise CollectError(f"{what}: {message}", metric=metric.label,
-                               kind=exc.kind) from None
-
-    def _batch_query(self, metric: MetricDef, scope_ids: Sequence[str],
-                     period: int) -> tuple[str, str]:
-        """(query, its ``query=...`` URL encoding) of a batch: the same scopes
-        ask for every period of a batch, so both are built once (a query of
-        200 scopes is 8 KB to escape and encode)."""
-        key = (id(metric), tuple(scope_ids), period)
-        hit = self._batch_queries.get(key)
-        if hit is None or hit[0] is not metric:
-            query = promql.build_batch_query(metric, self.scope_key, scope_ids, period)
-            if len(self._batch_queries) >= BATCH_QUERY_CACHE:
-                self._batch_queries.clear()
-            hit = self._batch_queries[key] = (
-                metric, query, urllib.parse.urlencode({"query": query}))
-        return hit[1], hit[2]
-
     def check(self) -> None:
         """Query ``/api/v1/status/buildinfo`` once (no retry).
 
@@ -397,8 +182,8 @@ class PrometheusCollector(BaseCollector):
         """
         try:
             self._get("/api/v1/status/buildinfo", None)
-        except (_Retryable, CollectError) as exc:
-            reason = exc.message if isinstance(exc, _Retryable) else str(exc)
+        except (Retryable, CollectError) as exc:
+            reason = exc.message if isinstance(exc, Retryable) else str(exc)
             prefix = f"GET {self.safe_url}/api/v1/status/buildinfo: "
             if reason.startswith(prefix):
                 reason = reason[len(prefix):]
@@ -416,7 +201,7 @@ class PrometheusCollector(BaseCollector):
         params = {"query": query, "time": time_text}
 
         def once() -> Any:
-            series = self._vector(self._get(_QUERY_PATH, params, target), query)
+            series = self._vector(self._get(QUERY_PATH, params, target), query)
             if not points:
                 return series
             try:
@@ -427,12 +212,12 @@ class PrometheusCollector(BaseCollector):
                 if msg.startswith(prefix):
                     msg = msg[len(prefix):]
                 # The message the file collector gives, retried.
-                raise _Retryable(msg, exc.kind) from None
+                raise Retryable(msg, exc.kind) from None
 
         try:
             return self._with_retries(once, f"scope {scope_id}, metric {metric.label}")
-        except (_Retryable, CollectError) as exc:   # retries exhausted, or 4xx
-            message = exc.message if isinstance(exc, _Retryable) else str(exc)
+        except (Retryable, CollectError) as exc:   # retries exhausted, or 4xx
+            message = exc.message if isinstance(exc, Retryable) else str(exc)
             raise CollectError(message, metric=metric.label, scope_id=scope_id,
                                kind=exc.kind) from None
 
@@ -445,7 +230,7 @@ class PrometheusCollector(BaseCollector):
         hit = self._targets.get(key)
         if hit is None or hit[0] is not metric:
             query = promql.build_query(metric, self.scope_key, scope_id, period)
-            prefix = self._http.target(_QUERY_PATH, urllib.parse.urlencode({"query": query}))
+            prefix = self._http.target(QUERY_PATH, urllib.parse.urlencode({"query": query}))
             if len(self._targets) >= QUERY_TARGET_CACHE:
                 self._targets.clear()
             hit = self._targets[key] = (metric, query, prefix + "&time=")
@@ -468,10 +253,10 @@ class PrometheusCollector(BaseCollector):
             # The first attempt outside tenacity: nothing to set up for the
             # queries that succeed (nearly all of them).
             return fn()
-        except _Retryable as exc:
+        except Retryable as exc:
             if attempts == 1:
                 raise
-            first: list[_Retryable] = [exc]
+            first: list[Retryable] = [exc]
 
         def attempt() -> Any:
             if first:
@@ -486,14 +271,14 @@ class PrometheusCollector(BaseCollector):
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(attempts),
             wait=http.backoff(self.max_backoff),
-            retry=tenacity.retry_if_exception_type(_Retryable),
+            retry=tenacity.retry_if_exception_type(Retryable),
             sleep=self._sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
         try:
             return retrying(attempt)
-        except _Retryable as exc:
+        except Retryable as exc:
             exc.message += f" (after {attempts} attempts)"
             raise
 
@@ -507,7 +292,7 @@ class PrometheusCollector(BaseCollector):
         ``method="POST"``: ``body`` is ``params`` form-encoded, sent to
         ``path``).
 
-        Raises _Retryable (timeout, connection, 5xx, 429, malformed reply)
+        Raises Retryable (timeout, connection, 5xx, 429, malformed reply)
         or CollectError (other 4xx, redirect loops).
         """
         where = f"{method} {self.safe_url}{path}"
@@ -523,82 +308,50 @@ class PrometheusCollector(BaseCollector):
         except http.TooManyRedirects as exc:
             raise CollectError(f"{where}: {exc.message}", kind=exc.kind) from None
         except http.TransportError as exc:
-            raise _Retryable(f"{where}: {exc.message}", exc.kind) from None
+            raise Retryable(f"{where}: {exc.message}", exc.kind) from None
         finally:
             # the exchange is over: the next query may start while this
             # reply is parsed
             self.io_done()
         status, body = reply.status, reply.body
         if status >= 500 or status == 429:
-            raise _Retryable(f"{where}: HTTP {status} {reply.reason}: {_excerpt(body)}", "http",
-                             reply.retry_after)
+            raise Retryable(f"{where}: HTTP {status} {reply.reason}: {excerpt(body)}", "http",
+                            reply.retry_after)
         if status >= 400:
-            detail = _error_detail(body)
+            detail = error_detail(body)
             msg = f"{where}: HTTP {status} {reply.reason}: {detail}"
             if params and "query" in params:
-                msg += f" (query: {_query_text(params['query'])})"
+                msg += f" (query: {query_text(params['query'])})"
             raise CollectError(msg, kind="http")
         try:
             data = orjson.loads(body)
         except ValueError:   # orjson.JSONDecodeError is one
-            raise _Retryable(f"{where}: reply is not JSON: {_excerpt(body)}",
-                             "malformed") from None
+            raise Retryable(f"{where}: reply is not JSON: {excerpt(body)}",
+                            "malformed") from None
         if type(data) is not dict:
-            raise _Retryable(f"{where}: reply is not a JSON object: {_excerpt(body)}",
-                             "malformed")
+            raise Retryable(f"{where}: reply is not a JSON object: {excerpt(body)}",
+                            "malformed")
         if data.get("status") != "success":
-            msg = (f"{where}: Prometheus answered status {_text(repr(data.get('status')), 40)}: "
-                   f"{_text(data.get('errorType', ''), 40)}: {_text(data.get('error', ''))}")
+            msg = (f"{where}: Prometheus answered status {cut_text(repr(data.get('status')), 40)}: "
+                   f"{cut_text(data.get('errorType', ''), 40)}: {cut_text(data.get('error', ''))}")
             if params and "query" in params:
-                msg += f" (query: {_query_text(params['query'])})"
-            raise _Retryable(msg, "malformed")
+                msg += f" (query: {query_text(params['query'])})"
+            raise Retryable(msg, "malformed")
         if not self.allow_partial and (data.get("warnings") or data.get("partialResponse")
                                        or data.get("isPartial")):
-            raise _Retryable(f"{where}: the reply may be incomplete (warnings: "
-                             f"{_text(data.get('warnings'))}); set [collector_prometheus] "
-                             "allow_partial_replies to store such replies", "partial")
+            raise Retryable(f"{where}: the reply may be incomplete (warnings: "
+                            f"{cut_text(data.get('warnings'))}); set [collector_prometheus] "
+                            "allow_partial_replies to store such replies", "partial")
         return data
-
-    def _malformed(self, method: str, path: str, query: str, what: str) -> _Retryable:
-        return _Retryable(f"{method} {self.safe_url}{path}: {what} "
-                          f"(query: {_query_text(query)})", "malformed")
-
-    def _matrix(self, data: dict, query: str,
-                method: str) -> list[tuple[dict[str, Any], list]]:
-        """The (labels, values) items of a range query's matrix reply
-        (``values``: its ``[time, "value"]`` pairs, checked by the caller);
-        _Retryable("malformed") for anything else."""
-        payload = data.get("data")
-        if type(payload) is not dict:
-            raise self._malformed(method, _RANGE_PATH, query, "reply has no 'data' object")
-        rtype = payload.get("resultType")
-        if rtype != "matrix":
-            raise self._malformed(method, _RANGE_PATH, query,
-                                  f"expected resultType 'matrix', got {rtype!r}")
-        result = payload.get("result")
-        if type(result) is not list:
-            raise self._malformed(method, _RANGE_PATH, query, "'data.result' is not a list")
-        out = []
-        for item in result:
-            try:
-                labels = item["metric"]
-                values = item["values"]
-            except (TypeError, KeyError):
-                labels = values = None
-            if type(labels) is not dict or type(values) is not list:
-                raise self._malformed(method, _RANGE_PATH, query,
-                                      f"malformed result item {str(item)[:200]!r}")
-            out.append((labels, values))
-        return out
 
     def _vector(self, data: dict, query: str, *, method: str = "GET") -> list[RawSeries]:
         """The (labels, raw value) items of an instant vector reply;
-        _Retryable("malformed") for anything else."""
+        Retryable("malformed") for anything else."""
 
-        def bad(what: str) -> _Retryable:
+        def bad(what: str) -> Retryable:
             where = self._query_where if method == "GET" else \
-                f"{method} {self.safe_url}{_QUERY_PATH}"
-            return _Retryable(f"{where}: {what} (query: {_query_text(query)})", "malformed")
+                f"{method} {self.safe_url}{QUERY_PATH}"
+            return Retryable(f"{where}: {what} (query: {query_text(query)})", "malformed")
 
         payload = data.get("data")
         if type(payload) is not dict:
@@ -621,45 +374,3 @@ class PrometheusCollector(BaseCollector):
                 raise bad(f"malformed result item {str(item)[:200]!r}")
             append((labels, value))
         return out
-
-
-#: the most characters of a query shown in a message (a batch of scopes
-#: makes queries of 10 KB and more; a scope's own query is far shorter)
-QUERY_TEXT_LIMIT = 1000
-
-
-def _timestamp(dt: datetime.datetime) -> float:
-    """Unix seconds of a period end, naive meaning UTC (as promql.rfc3339)."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.timezone.utc)
-    return dt.timestamp()
-
-
-def _query_text(query: str) -> str:
-    return _text(query, QUERY_TEXT_LIMIT)
-
-
-def _excerpt(body: bytes, limit: int = 200) -> str:
-    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
-    if not text:
-        return "(empty body)"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _error_detail(body: bytes) -> str:
-    """Prometheus' {"errorType": ..., "error": ...} or the body itself."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return _excerpt(body)
-    if isinstance(data, dict) and "error" in data:
-        return f"{_text(data.get('errorType', 'error'), 40)}: {_text(data['error'])}"
-    return _excerpt(body)
-
-
-def _text(value: Any, limit: int = ERROR_TEXT_LIMIT) -> str:
-    """A text from the server, cut to ``limit`` characters for logs and the
-    scope's state (a 300,000-character error cost ~100 s of CPU a period)."""
-    text = value if isinstance(value, str) else repr(value)
-    text = text.replace("\n", " ")
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"

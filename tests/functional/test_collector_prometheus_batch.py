@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloudkitty_proc.collectors import prometheus
+from cloudkitty_proc.collectors import prometheus_batch
 from cloudkitty_proc.collectors.prometheus import PrometheusCollector
 from cloudkitty_proc.exceptions import CollectError
 from tests import datagen
@@ -187,11 +187,11 @@ def test_long_batch_goes_by_post(prom_url):
     post, get = proxy.requests
     assert post["method"] == "POST" and post["path"] == "/api/v1/query"
     assert post["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
-    assert len(post["body"]) > prometheus.POST_QUERY_BYTES
+    assert len(post["body"]) > prometheus_batch.POST_QUERY_BYTES
     assert set(post["params"]) == {"query", "time"}
     assert post["params"]["time"] == "2026-01-01T05:00:00Z"
     assert get["method"] == "GET" and get["body"] is None
-    assert len(urllib.parse.urlencode(get["params"])) <= prometheus.POST_QUERY_BYTES
+    assert len(urllib.parse.urlencode(get["params"])) <= prometheus_batch.POST_QUERY_BYTES
     plain = collector(prom_url)
     try:
         for scope in many:
@@ -302,7 +302,7 @@ def test_range_batch_requests(prom_url):
     post, get, instant = proxy.requests
     assert post["method"] == "POST" and post["path"] == "/api/v1/query_range"
     assert post["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
-    assert len(post["body"]) > prometheus.POST_QUERY_BYTES
+    assert len(post["body"]) > prometheus_batch.POST_QUERY_BYTES
     assert post["params"] == {"query": post["params"]["query"],
                               "start": "2026-01-01T02:00:00Z",
                               "end": "2026-01-01T05:00:00Z", "step": "3600s"}

@@ -18,7 +18,7 @@ import yaml
 from oslo_config import cfg
 
 import cloudkitty_proc.conf as ckconf
-from cloudkitty_proc import promql
+from cloudkitty_proc import promql, promql_eval
 from cloudkitty_proc.collectors import _openmetrics
 from cloudkitty_proc.collectors.base import BaseCollector
 from cloudkitty_proc.collectors.file import FileCollector
@@ -437,7 +437,7 @@ def test_parser_sorts_samples_and_drops_exact_duplicates():
     (math.nan, "NaN"), (math.inf, "+Inf"), (-math.inf, "-Inf"),
 ])
 def test_format_value_like_prometheus(value, text):
-    assert promql.format_value(value) == text
+    assert promql_eval.format_value(value) == text
 
 
 def test_build_query_is_cloudkitty_shape(tmp_path):
