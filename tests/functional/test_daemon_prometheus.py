@@ -59,7 +59,9 @@ class FailingProxy:
     def _reply(self, handler):
         params = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
         query = params.get("query", [""])[0]
-        ts = params.get("time", [""])[0]
+        # an instant query's time, or a range query's last step (the range
+        # fails as a whole when a step is after fail_after_ts)
+        ts = (params.get("time") or params.get("end") or [""])[0]
         t = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if ts else 0
         if self.broken and self._asks_scope(query) and t > self.fail_after_ts:
             with self.fake.lock:
