@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # annotations only
     from cloudkitty_proc.worker import PassResult
 
 
+#: units (lease sets) a worker's share of a pass is cut into, at least
+UNITS_PER_WORKER = 4
+
+
 class BatchedPasses:
     """Mixed into worker.Worker, whose attributes it uses."""
 
@@ -61,10 +65,12 @@ class BatchedPasses:
             if self._wants_visit(scope_id):
                 units.setdefault(leases.lease_name(self.conf, scope_id), []).append(scope_id)
                 wanted += 1
-        # at most this worker's share of the pass, so that the workers of a
-        # host split a small pass between them rather than one taking it all
+        # at most a quarter of this worker's share of the pass: the workers
+        # of this host, and of the other hosts (whose number is not known
+        # here), then take turns unit by unit instead of the first ones
+        # holding every lease of a pass
         size = min(self.conf.collect.max_scopes_per_query,
-                   max(1, -(-wanted // self.worker_count)))
+                   max(1, -(-wanted // (UNITS_PER_WORKER * self.worker_count))))
         names = list(units)
         i = 0
         while i < len(names):
