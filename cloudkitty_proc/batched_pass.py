@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # annotations only
     from cloudkitty_proc.worker import PassResult
 
 
-#: units (lease sets) a worker's share of a pass is cut into, at least
+#: units (sets of leases taken at once) a worker's share of the leases is
+#: cut into, at least
 UNITS_PER_WORKER = 4
 
 
@@ -65,12 +66,17 @@ class BatchedPasses:
             if self._wants_visit(scope_id):
                 units.setdefault(leases.lease_name(self.conf, scope_id), []).append(scope_id)
                 wanted += 1
-        # at most a quarter of this worker's share of the pass: the workers
-        # of this host, and of the other hosts (whose number is not known
-        # here), then take turns unit by unit instead of the first ones
-        # holding every lease of a pass
+        # scopes at once: at most this worker's share of the pass, so that
+        # the workers of this host split a small pass between them
         size = min(self.conf.collect.max_scopes_per_query,
-                   max(1, -(-wanted // (UNITS_PER_WORKER * self.worker_count))))
+                   max(1, -(-wanted // self.worker_count)))
+        # leases at once: at most a quarter of this worker's share of the
+        # leases (the partitions, or the scopes of the pass when leased one
+        # by one), so that the workers of the other hosts too (whose number
+        # is not known here) take turns, unit by unit, instead of the first
+        # ones up holding a whole pass
+        leases_per_unit = max(1, -(-(leases.partitions_for(self.conf) or len(units))
+                                   // (UNITS_PER_WORKER * self.worker_count)))
         names = list(units)
         i = 0
         while i < len(names):
@@ -81,13 +87,15 @@ class BatchedPasses:
                 self.safe_point()  # no lease held here
             with contextlib.ExitStack() as held:
                 scope_ids: list[str] = []
-                while i < len(names) and len(scope_ids) < size:
+                taken = 0
+                while i < len(names) and len(scope_ids) < size and taken < leases_per_unit:
                     name = names[i]
                     i += 1
                     if held.enter_context(leases.scope_lease(
                             self.coordinator, units[name][0], self.log, name=name,
                             on_busy=self.telemetry.lock_busy)):
                         scope_ids.extend(units[name])
+                        taken += 1
                     else:
                         result.pending = True
                 if scope_ids:
