@@ -38,11 +38,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cloudkitty_proc import faults, utils
+from cloudkitty_proc import faults
 from cloudkitty_proc.dataframe import DataFrame, time_groupby
-from cloudkitty_proc.exceptions import CollectError, StaleStateError
+from cloudkitty_proc.exceptions import CollectError
 from cloudkitty_proc.log import ContextLogger, mask_url
-from cloudkitty_proc.pipeline import ScopeResult
+from cloudkitty_proc.pipeline import PeriodCommitter, ScopeResult
 
 if TYPE_CHECKING:  # annotations only
     from cloudkitty_proc.pipeline import Pipeline
@@ -55,14 +55,15 @@ NO_FALLBACK_KINDS = frozenset({"connection"})
 
 
 class _Member:
-    """One scope of the batch."""
+    """One scope of the batch: its commits go through a PeriodCommitter
+    fenced on the state version read under the lease (pipeline.py)."""
 
-    __slots__ = ("scope_id", "version", "log", "res")
+    __slots__ = ("scope_id", "committer", "log", "res")
 
-    def __init__(self, scope_id: str, version: int, log: ContextLogger,
+    def __init__(self, scope_id: str, committer: PeriodCommitter, log: ContextLogger,
                  res: ScopeResult) -> None:
         self.scope_id = scope_id
-        self.version = version
+        self.committer = committer
         self.log = log
         self.res = res
 
@@ -78,7 +79,8 @@ class BatchRun:
         self.pipeline = pipeline
         self.storage = storage
         self.worker = worker
-        self.members = [_Member(*m) for m in members]
+        self.members = [_Member(s, PeriodCommitter(storage, pipeline.failures, worker, v),
+                                log, res) for s, v, log, res in members]
         self.starts = list(starts)
         collector = pipeline.collector
         self.collector = collector
@@ -226,7 +228,7 @@ class BatchRun:
             member = alive[scope_id]
             exc = errors.get(scope_id)
             if exc is not None:
-                self._fail_collect(member, begin, exc)
+                p.failures.collect_failed(member.log, member.res, scope_id, begin, exc)
                 del alive[scope_id]
                 continue
             frame = DataFrame(scope_id, begin, end)
@@ -270,18 +272,6 @@ class BatchRun:
                 "asking each scope alone", metric.label, len(live), begin.isoformat(),
                 mask_url(exc))
 
-    def _fail_collect(self, member: _Member, begin: datetime.datetime,
-                      exc: BaseException) -> None:
-        failures = self.pipeline.failures
-        if isinstance(exc, CollectError):
-            failures.record(member.log, member.res, member.scope_id, begin, "collect", exc,
-                            kind=exc.kind)
-        else:  # a collector bug: same treatment, with its traceback
-            member.log.error("collector failed for period %s", begin.isoformat(),
-                             exc_info=exc)
-            failures.record(member.log, member.res, member.scope_id, begin, "collect", exc,
-                            kind="error")
-
     # -- rate and commit -------------------------------------------------------
     def _rate_and_commit(self, alive: dict[str, _Member], frames: dict[str, DataFrame],
                          t0: float) -> None:
@@ -293,7 +283,7 @@ class BatchRun:
             if rated is None:
                 del alive[scope_id]
                 continue
-            items.append((p.skipper.apply(rated), member.version))
+            items.append((p.skipper.apply(rated), member.committer.version))
         if not items:
             return
         faults.point("before_commit")
@@ -302,30 +292,13 @@ class BatchRun:
         except Exception as exc:  # noqa: BLE001 - the storage failed as a whole
             outcomes = [exc] * len(items)
         elapsed = time.monotonic() - t0
-        level = p.period_log_level
         for (frame, _version), outcome in zip(items, outcomes):
             member = alive[frame.scope_id]
-            log = member.log
-            begin = frame.begin
-            if isinstance(outcome, StaleStateError):
-                log.warning("period %s not committed, another worker moved the "
-                            "scope on (%s); dropping it", begin.isoformat(), outcome)
+            if not member.committer.settle(frame, outcome, member.log, member.res):
                 del alive[frame.scope_id]
                 continue
-            if isinstance(outcome, BaseException):
-                log.error("storing period %s failed: %s", begin.isoformat(),
-                          mask_url(outcome))
-                p.failures.record(log, member.res, frame.scope_id, begin, "storage", outcome,
-                                  kind="storage")
-                del alive[frame.scope_id]
-                continue
-            member.version = outcome
             member.res.committed += 1
-            p.telemetry.period_committed(frame, elapsed)
-            if log.isEnabledFor(level):
-                log.log(level, "committed period %s: %d datapoints, price %s, %.3f s",
-                        begin.isoformat(), len(frame), utils.decimal_str(frame.total_price()),
-                        elapsed)
+            p.committed(frame, PeriodCommitter.what, member.log, elapsed)
 
 
 def _outcome(fn: Any, *args: Any) -> tuple[bool, Any]:

@@ -55,10 +55,9 @@ class BatchedPasses:
     def _batched_pass(self, result: PassResult) -> None:
         """The pass's scopes worth a visit, by lease (their partition's, or
         their own with ``lease_partitions = 0``), in the pass order: the
-        worker takes leases until it holds ``max_scopes_per_query`` such
-        scopes (or none is left), processes them (``_process_unit``) and
-        gives the leases back. A busy lease is left to its holder (the
-        pass is then pending)."""
+        worker takes leases for a unit (bounded below), processes its
+        scopes (``_process_unit``) and gives the leases back. A busy lease
+        is left to its holder (the pass is then pending)."""
         p = self._pass
         units: dict[bytes, list[str]] = {}
         wanted = 0

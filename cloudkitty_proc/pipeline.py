@@ -101,6 +101,17 @@ class Failures:
             first_line = (mask_url(err).strip().splitlines() or [type(err).__name__])[0]
             self.unrecorded(log, scope_id, f"cannot record the error: {first_line}")
 
+    def collect_failed(self, log: ContextLogger, res: ScopeResult, scope_id: str,
+                       begin: datetime.datetime, exc: BaseException) -> None:
+        """A period whose collection failed: a CollectError is recorded
+        with its kind; anything else is a collector bug, logged with its
+        traceback and recorded with kind "error"."""
+        if isinstance(exc, CollectError):
+            self.record(log, res, scope_id, begin, "collect", exc, kind=exc.kind)
+            return
+        log.error("collector failed for period %s", begin.isoformat(), exc_info=exc)
+        self.record(log, res, scope_id, begin, "collect", exc, kind="error")
+
     def unrecorded(self, log: ContextLogger, scope_id: str, message: str) -> None:
         """A failure of ``scope_id`` that the storage could not keep."""
         count = self._unrecorded.get(scope_id, (0, 0.0))[0] + 1
@@ -149,19 +160,30 @@ class PeriodCommitter:
         self.version = version
 
     def commit(self, frame: DataFrame, log: ContextLogger, res: ScopeResult) -> bool:
-        begin = frame.begin
         faults.point("before_commit")
         try:
-            self.version = self.storage.commit_period(frame, self.version, worker=self.worker)
-        except StaleStateError as exc:
+            outcome = self.storage.commit_period(frame, self.version, worker=self.worker)
+        except Exception as exc:  # noqa: BLE001 - settled below
+            outcome = exc
+        return self.settle(frame, outcome, log, res)
+
+    def settle(self, frame: DataFrame, outcome: int | BaseException, log: ContextLogger,
+               res: ScopeResult) -> bool:
+        """The outcome of the period's commit (the new version, or the
+        error; storage.commit_period's, or one item of commit_periods'):
+        True when committed; a stale state drops the frame; another error
+        is recorded."""
+        begin = frame.begin
+        if isinstance(outcome, StaleStateError):
             log.warning("period %s not committed, another worker moved the "
-                        "scope on (%s); dropping it", begin.isoformat(), exc)
+                        "scope on (%s); dropping it", begin.isoformat(), outcome)
             return False
-        except Exception as exc:
-            log.error("storing period %s failed: %s", begin.isoformat(), mask_url(exc))
-            self.failures.record(log, res, frame.scope_id, begin, "storage", exc,
+        if isinstance(outcome, BaseException):
+            log.error("storing period %s failed: %s", begin.isoformat(), mask_url(outcome))
+            self.failures.record(log, res, frame.scope_id, begin, "storage", outcome,
                                  kind="storage")
             return False
+        self.version = outcome
         return True
 
 
@@ -309,15 +331,19 @@ class Pipeline:
                 if frame is None or not committer.commit(self.skipper.apply(frame), log, res):
                     break
                 res.committed += 1
-                elapsed = time.monotonic() - t0
-                self.telemetry.period_committed(frame, elapsed)
-                if log.isEnabledFor(self.period_log_level):
-                    log.log(self.period_log_level,
-                            "%s period %s: %d datapoints, price %s, %.3f s", committer.what,
-                             begin.isoformat(), len(frame),
-                             utils.decimal_str(frame.total_price()), elapsed)
+                self.committed(frame, committer.what, log, time.monotonic() - t0)
         finally:
             feed.drain()
+
+    def committed(self, frame: DataFrame, what: str, log: ContextLogger,
+                  elapsed: float) -> None:
+        """A committed period: counted, and its line logged (``what``: how
+        it starts, the committer's)."""
+        self.telemetry.period_committed(frame, elapsed)
+        if log.isEnabledFor(self.period_log_level):
+            log.log(self.period_log_level, "%s period %s: %d datapoints, price %s, %.3f s",
+                    what, frame.begin.isoformat(), len(frame),
+                    utils.decimal_str(frame.total_price()), elapsed)
 
     def _collect(self, scope_id: str, begin: datetime.datetime, end: datetime.datetime,
                  handles: list, log: ContextLogger, res: ScopeResult) -> DataFrame | None:
@@ -331,11 +357,8 @@ class Pipeline:
                 for point in points:
                     point.groupby.update(keys)
                 frame.add_points(mdef.usage_type, points)
-        except CollectError as exc:
-            self.failures.record(log, res, scope_id, begin, "collect", exc, kind=exc.kind)
-        except Exception as exc:  # a collector bug: same treatment
-            log.exception("collector failed for period %s", begin.isoformat())
-            self.failures.record(log, res, scope_id, begin, "collect", exc, kind="error")
+        except Exception as exc:  # noqa: BLE001 - a collector bug too: recorded
+            self.failures.collect_failed(log, res, scope_id, begin, exc)
         else:
             return frame
         _drain(handles)
