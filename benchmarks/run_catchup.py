@@ -1775,7 +1775,7 @@ def print_storage_ratio(summaries: list[dict]) -> None:
     """Each influxdb run against the sql run of the same spec after it."""
     print("\n=== influxdb vs sql (SQLite) ===")
     for a, b in zip(summaries, summaries[1:]):
-        if not a.get("influx") or b.get("influx") or not a["label"].endswith(" influxdb"):
+        if not a.get("influx") or b.get("influx") or "influxdb" not in a["label"].split():
             continue
         i, periods = a["influx"], a["periods"] or 1
         ratio = (a["points_per_s"] / b["points_per_s"]

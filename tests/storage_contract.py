@@ -123,7 +123,7 @@ class InjectedStoreError(RuntimeError):
 
 def fail_point_writes(monkeypatch, storage, scope_id: str) -> None:
     """``fail_storing`` for a backend with a point store (``storage.points``):
-    writing the scope's points fails."""
+    writing the scope's points fails, alone or in a batched write."""
     write = storage.points.write
 
     def failing_write(frame, *args, **kwargs):
@@ -131,7 +131,17 @@ def fail_point_writes(monkeypatch, storage, scope_id: str) -> None:
             raise InjectedStoreError(f"injected: writing the points of {scope_id} failed")
         return write(frame, *args, **kwargs)
 
+    write_many = storage.points.write_many
+
+    def failing_write_many(frames, *args, **kwargs):
+        # a batched write (one request for many scopes) fails as a whole
+        if any(frame.scope_id == scope_id for frame in frames):
+            raise InjectedStoreError(f"injected: a batched write with the points of "
+                                     f"{scope_id} failed")
+        return write_many(frames, *args, **kwargs)
+
     monkeypatch.setattr(storage.points, "write", failing_write)
+    monkeypatch.setattr(storage.points, "write_many", failing_write_many)
 
 
 def need_reprocessing(storage) -> None:

@@ -44,6 +44,7 @@ from cloudkitty_proc.dropin.scope_rows import ScopeIdentity
 from cloudkitty_proc.exceptions import StaleStateError
 from cloudkitty_proc.storage import models
 from cloudkitty_proc.storage.base import ScopeState
+from cloudkitty_proc.storage.sql_batch import BatchItem, NotBegun
 from cloudkitty_proc.storage.sql_read import IN_CHUNK
 from cloudkitty_proc.storage.sql_rows import db_now, naive
 
@@ -77,6 +78,7 @@ class CloudKittyStates:
     reader_engine: sa.Engine
     ck_identity: ScopeIdentity
     _advance_state: Any  # SQLStorage's
+    _store_batch_points: Any  # ExternalStorage's
 
     # -- reading ------------------------------------------------------------
     def get_state(self, scope_id: str) -> ScopeState:
@@ -118,40 +120,77 @@ class CloudKittyStates:
         backend's (``SQLStorage._advance_state``, this mixin's base); False
         when it moved."""
         return self._advance_state(connection, scope_id, expected_version, begin, now)
-        if expected_version != 0:
-            return False
+
+    def _ck_advance(self, connection: sa.Connection, frame: DataFrame,
+                    expected_version: int, now: datetime.datetime) -> StaleStateError | None:
+        """Both compare-and-sets of a commit of ``frame``: None when both
+        held, else the StaleStateError to raise (what moved; the caller
+        rolls back what the first one wrote)."""
+        scope_id = frame.scope_id
+        begin, end = naive(frame.begin), naive(frame.end)
+        if not self._own_cas(connection, scope_id, expected_version, begin, now):
+            return self._stale(scope_id, expected_version, begin)
         try:
-            connection.execute(_state_t.insert().values(
-                scope_id=scope_id, version=1, active=True, created_at=now,
-                last_processed=begin, last_commit_at=now, updated_at=now))
-        except sa_exc.IntegrityError:
-            return False
-        return True
+            found = scope_rows.advance(connection, self.ck_identity, scope_id, begin,
+                                       begin - (end - begin), now)
+        except sa_exc.IntegrityError:  # a row was inserted meanwhile
+            return self._stale(scope_id, expected_version, begin)
+        if found is not None:
+            return self._ck_stale_row(scope_id, begin, found)
+        return None
 
     def _ck_commit(self, frame: DataFrame, expected_version: int, worker: str,
                    store: Callable[[], None]) -> int:
         """commit_period's transaction: both compare-and-sets, then
         ``store()`` (the points), the period record and its rows."""
-        scope_id = frame.scope_id
-        begin, end = naive(frame.begin), naive(frame.end)
-        prev = begin - (end - begin)
         now = db_now()
         rows, period_row = self._frame_rows(frame, now, worker)
         with self.engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE
-            if not self._own_cas(connection, scope_id, expected_version, begin, now):
-                raise self._stale(scope_id, expected_version, begin)
-            try:
-                found = scope_rows.advance(connection, self.ck_identity, scope_id, begin,
-                                           prev, now)
-            except sa_exc.IntegrityError as exc:  # a row was inserted meanwhile
-                raise self._stale(scope_id, expected_version, begin) from exc
-            if found is not None:
-                raise self._ck_stale_row(scope_id, begin, found)
+            error = self._ck_advance(connection, frame, expected_version, now)
+            if error is not None:
+                raise error
             store()
             connection.execute(_period_t.insert(), period_row)
             self._insert_data(connection, rows)
             faults.point("during_commit")  # crash tests: rows in, not committed
         return expected_version + 1
+
+    def _commit_batch(self, batch: list[BatchItem],
+                      now: datetime.datetime) -> list[bool | Exception]:
+        """The batch transaction of commit_periods (storage/sql_batch.py's
+        ``commit_periods`` around it: rows computed first, items in scope
+        order, a failed batch committed item by item with ``commit_period``).
+        Per item, in a SAVEPOINT, both compare-and-sets (an item refused is
+        rolled back to its savepoint and writes nothing); then
+        ``_store_batch_points`` with the frames of the others (the points,
+        one write), their period records and rows, and one COMMIT. Returns
+        per item True (committed) or its StaleStateError."""
+        try:
+            connection = self.engine.connect()
+        except Exception as exc:  # noqa: BLE001 - reported per item
+            raise NotBegun(exc) from exc
+        outcomes: list[bool | Exception] = []
+        period_rows: list[dict] = []
+        data_rows: list = []
+        with connection, connection.begin():  # SQLite: BEGIN IMMEDIATE
+            for item in batch:
+                savepoint = connection.begin_nested()
+                error = self._ck_advance(connection, item.frame, item.expected_version, now)
+                if error is not None:
+                    savepoint.rollback()
+                    outcomes.append(error)
+                    continue
+                savepoint.commit()
+                period_rows.append(item.period_row)
+                data_rows.extend(item.rows)
+                outcomes.append(True)
+            self._store_batch_points([item.frame for item, outcome in zip(batch, outcomes)
+                                      if outcome is True])
+            if period_rows:
+                connection.execute(_period_t.insert(), period_rows)
+            self._insert_data(connection, data_rows)
+            faults.point("during_commit")  # crash tests: rows in, not committed
+        return outcomes
 
     # -- reset ------------------------------------------------------------------
     def _ck_reset(self, scope_id: str, to: datetime.datetime | None, period: int) -> None:

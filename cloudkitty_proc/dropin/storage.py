@@ -32,9 +32,11 @@ the SQL commit leaves some). A reprocessed period's points are deleted,
 then written. ``reset_state``: the SQL reset (both rows, tasks cut, period
 records deleted), then, the scope's row locked again, the points from
 ``to`` up to the first period committed since. ``commit_periods`` is
-ExternalStorage's: one ``commit_period`` (this transaction) per item. This is the flow of
+ExternalStorage's (many scopes' periods in one transaction, their points in
+one write) around this module's ``_commit_batch`` (``states.py``): each
+item in a savepoint with both compare-and-sets. This is the flow of
 ``storage/external.py`` with CloudKitty's rows in its transaction; it does
-not depend on ExternalStorage's own commit methods.
+not depend on ExternalStorage's own single-period commit methods.
 
 Reads (``iter_rated``, ``summary``, ``export``) are ExternalStorage's: they
 follow our period records, so the periods CloudKitty rated before the

@@ -54,7 +54,7 @@ from cloudkitty_proc import utils
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import SchemaError
 from cloudkitty_proc.storage import models
-from cloudkitty_proc.storage.base import BaseStorage, RatedRow, TypeSummary
+from cloudkitty_proc.storage.base import RatedRow, TypeSummary, check_batch
 from cloudkitty_proc.storage.points import PointStore
 from cloudkitty_proc.storage.sql import SQLStorage
 from cloudkitty_proc.storage.sql_rows import EXACT, naive
@@ -94,6 +94,8 @@ class ExternalStorage(SQLStorage):
         self._clean: dict[str, int] = {}
         #: commit_period's decision for _store_points
         self._skip_delete = False
+        #: scope -> expected version, while commit_periods runs
+        self._batch_expected: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.points.name}, {super().__repr__()})"
@@ -143,15 +145,43 @@ class ExternalStorage(SQLStorage):
 
     def commit_periods(self, items: Sequence[tuple[DataFrame, int]],
                        *, worker: str = "") -> list[int | Exception]:
-        """BaseStorage's loop: one ``commit_period`` per item, not the
-        ``sql`` backend's single transaction. Each commit writes its points
-        to the store (HTTP) inside its SQL transaction, with the scope
-        locked (on SQLite, the database's write lock): one transaction for
-        a batch would hold every scope of it (on SQLite, every writer)
-        through all the batch's point writes, and each item's delete
-        decision (``_clean``) would have to follow it through the SQL
-        path. The drop-in storage (dropin/storage.py) inherits this."""
-        return BaseStorage.commit_periods(self, items, worker=worker)
+        """The ``sql`` backend's batched commit (storage/sql_batch.py): one
+        SQL transaction, each scope fenced by its own compare-and-set, and
+        the points of every scope whose compare-and-set held written by
+        ``_store_batch_points`` in ONE point store write (one request per
+        ``write_batch_size`` points, not one per scope). Should the batch
+        fail (a point write refused, a database error), it is rolled back
+        and each item is committed alone with ``commit_period``: the points
+        the batch wrote are the same frames' and are written again, or, for
+        an item that then fails, lie past its frontier, deleted by its next
+        commit (module docstring)."""
+        items = check_batch(items)
+        self._batch_expected = {frame.scope_id: version for frame, version in items}
+        try:
+            results = super().commit_periods(items, worker=worker)
+        finally:
+            self._batch_expected = {}
+        for (frame, _), result in zip(items, results):
+            if isinstance(result, int):
+                self._clean[frame.scope_id] = result
+            else:
+                self._clean.pop(frame.scope_id, None)
+        return results
+
+    def _store_batch_points(self, frames: list[DataFrame]) -> None:
+        """In the batch's transaction, the scopes' states locked (on SQLite,
+        the write lock): the uncommitted points of each scope whose version
+        this object did not produce deleted (as ``commit_period`` decides
+        it; one request for the scopes of a period), then every frame's
+        points in one write."""
+        unclean: dict[datetime.datetime, list[str]] = {}
+        for frame in frames:
+            expected = self._batch_expected.get(frame.scope_id)
+            if expected is None or self._clean.get(frame.scope_id) != expected:
+                unclean.setdefault(frame.begin, []).append(frame.scope_id)
+        for begin, scope_ids in unclean.items():
+            self.points.delete_from(scope_ids, begin)
+        self.points.write_many([frame for frame in frames if len(frame)])
 
     def scope_taken(self, scope_id: str) -> None:
         """A new lease: another worker may have written points past the

@@ -34,7 +34,7 @@ import datetime
 import functools
 import json
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from oslo_config import cfg
@@ -44,7 +44,8 @@ from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import ConfigError, StorageError
 from cloudkitty_proc.storage.base import RatedRow
 from cloudkitty_proc.storage.external import ExternalStorage
-from cloudkitty_proc.storage.points import PointStore, from_float, period_seconds
+from cloudkitty_proc.storage.points import (PointStore, describe_scopes, from_float,
+                                           period_seconds)
 
 __all__ = ["InfluxPointStore", "InfluxStorage", "OPTS", "line", "rfc3339"]
 
@@ -154,6 +155,10 @@ def _ns(dt: datetime.datetime) -> int:
     return (delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000
 
 
+#: scopes per DELETE statement of ``delete_from`` (about 50 bytes each)
+DELETE_SCOPES = 200
+
+
 class InfluxPointStore(PointStore):
     """Rated points in an InfluxDB 1.x database (see the module docstring)."""
 
@@ -257,19 +262,29 @@ class InfluxPointStore(PointStore):
             yield line(tags, fields, time_ns)
 
     def write(self, frame: DataFrame) -> None:
+        self.write_many([frame])
+
+    def write_many(self, frames: Sequence[DataFrame]) -> None:
+        """The frames' points, ``write_batch_size`` lines a request whatever
+        scope they belong to (a batched commit: one request for many
+        scopes' periods)."""
         params = {"db": self.database, "rp": self.retention_policy}
         batch: list[str] = []
-        for text in self.lines(frame):
-            batch.append(text)
-            if len(batch) >= self.batch_size:
-                self._write(params, batch, frame)
-                batch = []
+        scopes: dict[str, None] = {}
+        for frame in frames:
+            for text in self.lines(frame):
+                batch.append(text)
+                scopes[frame.scope_id] = None
+                if len(batch) >= self.batch_size:
+                    self._write(params, batch, list(scopes))
+                    batch, scopes = [], {}
         if batch:
-            self._write(params, batch, frame)
+            self._write(params, batch, list(scopes))
 
-    def _write(self, params: dict[str, str], batch: list[str], frame: DataFrame) -> None:
-        self.request(f"writing {len(batch)} points of scope {frame.scope_id}", "POST",
-                     "/write", params=params, body=("\n".join(batch) + "\n").encode("utf-8"),
+    def _write(self, params: dict[str, str], batch: list[str], scopes: list[str]) -> None:
+        self.request(f"writing {len(batch)} points of {describe_scopes(scopes)}",
+                     "POST", "/write", params=params,
+                     body=("\n".join(batch) + "\n").encode("utf-8"),
                      headers={"Content-Type": "application/octet-stream"})
 
     def _where(self, scope_id: str, begin: datetime.datetime,
@@ -285,6 +300,20 @@ class InfluxPointStore(PointStore):
         self.query(f"deleting the points of scope {scope_id}",
                    f"DELETE FROM {MEASUREMENT}" + self._where(scope_id, begin, end),
                    post=True)
+
+    def delete_from(self, scope_ids: Sequence[str], begin: datetime.datetime) -> None:
+        """One DELETE for up to DELETE_SCOPES scopes (their tag equalities
+        OR-ed): a batched commit's scopes, at the cost of one."""
+        key = _quote_ident(self.scope_key)
+        for i in range(0, len(scope_ids), DELETE_SCOPES):
+            chunk = scope_ids[i:i + DELETE_SCOPES]
+            if len(chunk) == 1:
+                self.delete(chunk[0], begin, None)
+                continue
+            scopes = " OR ".join(f"{key} = {_quote_string(s)}" for s in chunk)
+            self.query(f"deleting the points of {describe_scopes(chunk)}",
+                       f"DELETE FROM {MEASUREMENT} WHERE ({scopes}) AND time >= "
+                       f"'{rfc3339(begin)}'", post=True)
 
     def read(self, scope_id: str, begin: datetime.datetime,
              end: datetime.datetime) -> list[RatedRow]:

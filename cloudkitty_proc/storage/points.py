@@ -61,6 +61,15 @@ def from_float(value: Any) -> decimal.Decimal:
     return decimal.Decimal(str(value))
 
 
+def describe_scopes(scopes: Sequence[str], shown: int = 3) -> str:
+    """How a write's messages name its scopes: "scope a", or "5 scopes
+    (a, b, c, …)"."""
+    if len(scopes) == 1:
+        return f"scope {scopes[0]}"
+    more = ", …" if len(scopes) > shown else ""
+    return f"{len(scopes)} scopes ({', '.join(scopes[:shown])}{more})"
+
+
 def period_seconds(frame: DataFrame) -> int:
     return int((frame.end - frame.begin).total_seconds())
 
@@ -132,11 +141,25 @@ class PointStore(abc.ABC):
         """Store every point of ``frame`` (idempotent per scope, period,
         type and groupby); an empty frame writes nothing."""
 
+    def write_many(self, frames: Sequence[DataFrame]) -> None:
+        """``write`` of several frames (a batched commit's); a store that
+        can sends them together, ``write_batch_size`` points a request.
+        Here: one ``write`` per frame."""
+        for frame in frames:
+            self.write(frame)
+
     @abc.abstractmethod
     def delete(self, scope_id: str, begin: datetime.datetime,
                end: datetime.datetime | None) -> None:
         """Delete the scope's points whose period starts in [begin, end)
         (``end`` None: every one from ``begin`` on)."""
+
+    def delete_from(self, scope_ids: Sequence[str], begin: datetime.datetime) -> None:
+        """``delete(scope_id, begin, None)`` of several scopes (a batched
+        commit's uncommitted points); a store that can sends one request
+        for many scopes. Here: one ``delete`` per scope."""
+        for scope_id in scope_ids:
+            self.delete(scope_id, begin, None)
 
     @abc.abstractmethod
     def read(self, scope_id: str, begin: datetime.datetime,

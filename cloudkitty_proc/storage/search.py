@@ -51,7 +51,7 @@ from cloudkitty_proc import http, utils
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import ConfigError, StorageError
 from cloudkitty_proc.storage.base import RatedRow
-from cloudkitty_proc.storage.points import PointStore, as_float, from_float
+from cloudkitty_proc.storage.points import PointStore, as_float, describe_scopes, from_float
 from cloudkitty_proc.storage.search_mapping import MAPPING, mapping_problem
 
 __all__ = ["SEARCH_PAGE", "SearchPointStore", "doc_id", "search_opts"]
@@ -292,25 +292,35 @@ class SearchPointStore(PointStore):
                    if repeat else base), doc
 
     def write(self, frame: DataFrame) -> None:
-        lines: list[str] = []
-        ids: list[tuple[str, str]] = []
-        for _id, doc in self.documents(frame):
-            try:
-                source = json.dumps(doc, default=_default, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise StorageError(f"{self.name}: scope {frame.scope_id}, {doc['type']} "
-                                   f"point {doc['groupby']}: cannot be stored: {exc}") from None
-            lines.append(json.dumps({"index": {"_id": _id}}))
-            lines.append(source)
-            ids.append((_id, doc["type"]))
-            if len(ids) >= self.batch_size:
-                self._bulk(frame, lines, ids)
-                lines, ids = [], []
-        if ids:
-            self._bulk(frame, lines, ids)
+        self.write_many([frame])
 
-    def _bulk(self, frame: DataFrame, lines: list[str], ids: list[tuple[str, str]]) -> None:
-        what = f"writing {len(ids)} points of scope {frame.scope_id}"
+    def write_many(self, frames: Sequence[DataFrame]) -> None:
+        """The frames' documents, ``write_batch_size`` a ``_bulk`` request
+        whatever scope they belong to (a batched commit: one request for
+        many scopes' periods)."""
+        lines: list[str] = []
+        ids: list[tuple[str, str, DataFrame]] = []
+        for frame in frames:
+            for _id, doc in self.documents(frame):
+                try:
+                    source = json.dumps(doc, default=_default, allow_nan=False)
+                except (TypeError, ValueError) as exc:
+                    raise StorageError(
+                        f"{self.name}: scope {frame.scope_id}, {doc['type']} point "
+                        f"{doc['groupby']}: cannot be stored: {exc}") from None
+                lines.append(json.dumps({"index": {"_id": _id}}))
+                lines.append(source)
+                ids.append((_id, doc["type"], frame))
+                if len(ids) >= self.batch_size:
+                    self._bulk(lines, ids)
+                    lines, ids = [], []
+        if ids:
+            self._bulk(lines, ids)
+
+    def _bulk(self, lines: list[str], ids: list[tuple[str, str, DataFrame]]) -> None:
+        """One ``_bulk`` request; ``ids``: (``_id``, type, frame) per document."""
+        scopes = list(dict.fromkeys(frame.scope_id for _, _, frame in ids))
+        what = f"writing {len(ids)} points of {describe_scopes(scopes)}"
         _, reply = self.call(what, "POST", f"{self.index_path}/_bulk",
                              "\n".join(lines) + "\n", ndjson=True)
         items = reply.get("items") if isinstance(reply, dict) else None
@@ -332,8 +342,9 @@ class SearchPointStore(PointStore):
                 detail += f" ({cause.get('type', '')}: {cause['reason']})"
         else:
             detail = str(error)
-        _id, usage_type = ids[n]
-        raise self.fail(what, f"{len(refused)} refused, the first: document {_id} (type "
+        _id, usage_type, frame = ids[n]
+        scope = f"scope {frame.scope_id}, " if len(scopes) > 1 else ""
+        raise self.fail(what, f"{len(refused)} refused, the first: document {_id} ({scope}type "
                         f"{usage_type}, period {_iso(frame.begin)}): HTTP "
                         f"{result.get('status', '?')} {detail}")
 
@@ -351,14 +362,28 @@ class SearchPointStore(PointStore):
                end: datetime.datetime | None) -> None:
         what = f"deleting the points of scope {scope_id}"
         self.refresh()
+        self._delete_by_query(what, self.query(scope_id, begin, end))
+
+    def _delete_by_query(self, what: str, query: dict[str, Any]) -> None:
         _, reply = self.call(what, "POST", f"{self.index_path}/_delete_by_query",
-                             {"query": self.query(scope_id, begin, end)})
+                             {"query": query})
         if not isinstance(reply, dict):
             raise self.fail(what, "not a delete-by-query reply")
         if reply.get("failures") or reply.get("timed_out"):
             detail = _error_detail(json.dumps(reply).encode()) if reply.get("failures") \
                 else "timed out"
             raise self.fail(what, f"{reply.get('deleted', 0)} deleted, then {detail}")
+
+    def delete_from(self, scope_ids: Sequence[str], begin: datetime.datetime) -> None:
+        """One ``_delete_by_query`` for the scopes (a ``terms`` filter)."""
+        if len(scope_ids) == 1:
+            self.delete(scope_ids[0], begin, None)
+            return
+        what = f"deleting the points of {describe_scopes(scope_ids)}"
+        self.refresh()
+        query = {"bool": {"filter": [{"terms": {self.scope_field: list(scope_ids)}},
+                                     {"range": {"start": {"gte": _iso(begin)}}}]}}
+        self._delete_by_query(what, query)
 
     def read(self, scope_id: str, begin: datetime.datetime,
              end: datetime.datetime) -> list[RatedRow]:

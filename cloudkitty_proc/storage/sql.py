@@ -245,6 +245,14 @@ class SQLStorage(SQLBatchCommit, SQLReads, SQLReprocessTasks, BaseStorage):
         (``replace``). Nothing here: the rows go in the transaction;
         storage/external.py writes the points to their store."""
 
+    def _store_batch_points(self, frames: list[DataFrame]) -> None:
+        """``_store_points`` of a batched commit (storage/sql_batch.py),
+        called once with the frames whose compare-and-set held, in the
+        batch's transaction: ``_store_points`` of each (nothing, here);
+        storage/external.py writes them in one request."""
+        for frame in frames:
+            self._store_points(frame)
+
     def _insert_data(self, connection: sa.Connection, rows: list) -> None:
         """Insert ``_frame_rows``' data rows on a Core connection."""
         if not rows:

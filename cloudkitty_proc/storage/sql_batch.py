@@ -21,7 +21,7 @@ _INSERT_PERIOD = models.rated_period.insert()
 
 
 @dataclasses.dataclass
-class _BatchItem:
+class BatchItem:
     """One item of ``commit_periods``, its rows computed."""
 
     index: int
@@ -32,7 +32,7 @@ class _BatchItem:
     period_row: dict
 
 
-class _NotBegun(Exception):
+class NotBegun(Exception):
     """commit_periods' transaction could not begin (``error``)."""
 
     def __init__(self, error: Exception) -> None:
@@ -53,10 +53,11 @@ class SQLBatchCommit:
                        *, worker: str = "") -> list[int | Exception]:
         """See BaseStorage. ONE transaction for the whole batch: per item,
         in scope order (the lock order of concurrent batches), the state
-        compare-and-set, then ``_store_points``; an item whose
-        compare-and-set fails writes nothing and gets StaleStateError. Then
-        the period rows and the rated rows of the others, in multi-row
-        INSERTs over all of them, and one COMMIT.
+        compare-and-set; an item whose compare-and-set fails writes nothing
+        and gets StaleStateError. Then ``_store_batch_points`` with the
+        frames of the others (a point store's write: one request for the
+        whole batch), their period rows and rated rows in multi-row INSERTs
+        over all of them, and one COMMIT.
 
         Should that transaction fail (a database error on one item's rows,
         a lock timeout on one scope, ...), it is rolled back and the items
@@ -69,7 +70,7 @@ class SQLBatchCommit:
             return BaseStorage.commit_periods(self, items, worker=worker)
         now = db_now()
         results: list[int | Exception | None] = [None] * len(items)
-        batch: list[_BatchItem] = []
+        batch: list[BatchItem] = []
         # everything computed before the transaction: keep the lock short
         for index, (frame, expected_version) in enumerate(items):
             try:
@@ -77,13 +78,12 @@ class SQLBatchCommit:
             except Exception as exc:  # noqa: BLE001 - that item's outcome
                 results[index] = exc
                 continue
-            batch.append(_BatchItem(index, frame, expected_version, naive(frame.begin),
-                                    rows, period_row))
+            batch.append(BatchItem(index, frame, expected_version, naive(frame.begin),
+                                   rows, period_row))
         batch.sort(key=lambda item: item.frame.scope_id)
         try:
-            held = (self._commit_batch_sqlite if self.is_sqlite
-                    else self._commit_batch_core)(batch, now)
-        except _NotBegun as exc:
+            held = self._commit_batch(batch, now)
+        except NotBegun as exc:
             for item in batch:
                 results[item.index] = exc.error
             return results
@@ -98,30 +98,45 @@ class SQLBatchCommit:
                     results[item.index] = item_exc
             return results
         for item, ok in zip(batch, held):
-            results[item.index] = (item.expected_version + 1 if ok else self._stale(
-                item.frame.scope_id, item.expected_version, item.begin))
+            if isinstance(ok, Exception):
+                results[item.index] = ok
+            else:
+                results[item.index] = (item.expected_version + 1 if ok else self._stale(
+                    item.frame.scope_id, item.expected_version, item.begin))
         return results
 
-    def _commit_batch_sqlite(self, batch: list[_BatchItem],
+    def _commit_batch(self, batch: list[BatchItem],
+                      now: datetime.datetime) -> list[bool | Exception]:
+        """The batch's transaction: per item (in ``batch``'s order), True
+        when it was committed, False when its compare-and-set was refused
+        (or the StaleStateError to give it); any other error rolls the whole
+        transaction back and is raised (NotBegun when it could not begin).
+        The drop-in storage has its own (dropin/states.py)."""
+        return (self._commit_batch_sqlite if self.is_sqlite
+                else self._commit_batch_core)(batch, now)
+
+    def _commit_batch_sqlite(self, batch: list[BatchItem],
                              now: datetime.datetime) -> list[bool]:
         """commit_periods' transaction on SQLite (sqlite_fast.py)."""
         try:
             raw = self._sqlite_writer()
             self._commit.begin(raw, self.sleep)
         except Exception as exc:  # noqa: BLE001 - reported per item
-            raise _NotBegun(exc) from exc
-        return self._commit.commit_periods(raw, [
-            (item.frame.scope_id, item.expected_version, item.rows, item.period_row,
-             lambda frame=item.frame: self._store_points(frame))
-            for item in batch])
+            raise NotBegun(exc) from exc
+        def after_states(held: list[bool]) -> None:
+            self._store_batch_points([item.frame for item, ok in zip(batch, held) if ok])
 
-    def _commit_batch_core(self, batch: list[_BatchItem],
+        return self._commit.commit_periods(raw, [
+            (item.frame.scope_id, item.expected_version, item.rows, item.period_row)
+            for item in batch], after_states)
+
+    def _commit_batch_core(self, batch: list[BatchItem],
                            now: datetime.datetime) -> list[bool]:
         """commit_periods' transaction on PostgreSQL/MySQL (SQLAlchemy Core)."""
         try:
             connection = self.engine.connect()
         except Exception as exc:  # noqa: BLE001 - reported per item
-            raise _NotBegun(exc) from exc
+            raise NotBegun(exc) from exc
         held: list[bool] = []
         period_rows: list[dict] = []
         data_rows: list = []
@@ -133,9 +148,9 @@ class SQLBatchCommit:
                 held.append(ok)
                 if not ok:
                     continue
-                self._store_points(item.frame)
                 period_rows.append(item.period_row)
                 data_rows.extend(item.rows)
+            self._store_batch_points([item.frame for item, ok in zip(batch, held) if ok])
             if period_rows:
                 connection.execute(_INSERT_PERIOD, period_rows)
             self._insert_data(connection, data_rows)

@@ -233,13 +233,15 @@ class CommitConnection:
                 raise sa_exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
             raise
 
-    def commit_periods(self, raw: Any, entries: list[tuple]) -> list[bool]:
+    def commit_periods(self, raw: Any, entries: list[tuple],
+                       after_states: Callable[[list[bool]], None] | None = None) -> list[bool]:
         """commit_periods' transaction on ``raw``, opened by ``begin``:
-        ``entries`` are (scope_id, expected_version, rows, period_row,
-        after_state) of distinct scopes. For each, the state compare-and-set,
-        then, if it held, ``after_state()``; then the period rows and the
-        rated rows of every entry whose compare-and-set held (multi-row
-        INSERTs over all of them), and COMMIT. Returns, per entry, whether
+        ``entries`` are (scope_id, expected_version, rows, period_row) of
+        distinct scopes. For each, the state compare-and-set; then
+        ``after_states(held)`` (whether each entry's held: the batch's point
+        writes); then the period rows and the rated rows of every entry
+        whose compare-and-set held (multi-row INSERTs over all of them), and
+        COMMIT. Returns, per entry, whether
         its compare-and-set held (an entry refused writes nothing). Any
         error rolls the whole transaction back and is raised (sqlite3's
         wrapped as SQLAlchemy's)."""
@@ -249,7 +251,7 @@ class CommitConnection:
             held: list[bool] = []
             periods: list[tuple] = []
             data: list = []
-            for scope_id, expected_version, rows, period_row, after_state in entries:
+            for scope_id, expected_version, rows, period_row in entries:
                 statement = _COMMIT_STATE
                 ok = self._advance_state(
                     con, scope_id, expected_version, sqlite_datetime(period_row["begin"]),
@@ -257,10 +259,10 @@ class CommitConnection:
                 held.append(ok)
                 if not ok:
                     continue
-                if after_state is not None:
-                    after_state()
                 periods.append(self._period_values(scope_id, period_row))
                 data.extend(rows)
+            if after_states is not None:
+                after_states(held)
             statement = _INSERT_PERIOD
             con.executemany(statement, periods)
             for statement, parameters in insert_batches(data):

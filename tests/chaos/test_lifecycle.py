@@ -151,7 +151,13 @@ def test_killed_worker_is_respawned_and_its_scopes_resume(tmp_path, sqlite_url):
     ds = datagen.generate(n_scopes=4, hours=24, seed=53, scope_prefix="respawn-")
     om, metrics_yml = _files(tmp_path, ds)
     with DatasetPrometheus(om, metrics_yml, delay=0.09) as prom:
-        extra = helpers.ini(SLOW, helpers.prometheus_collector_conf(prom.url))
+        # one period a query: range queries of 6 periods would rate the whole
+        # dataset in about 2 s, and a kill observed late (a loaded machine)
+        # would leave the respawned worker nothing to resume
+        extra = helpers.ini(SLOW, """
+            [collect]
+            max_periods_per_query = 1
+            """, helpers.prometheus_collector_conf(prom.url))
         conf = helpers.prepare(tmp_path, sqlite_url, ds, workers=2, collector="prometheus",
                                extra=extra)
         daemon.manage(conf, "db", "upgrade")

@@ -13,7 +13,7 @@ that a store cannot silently send something else:
   ``sort``; ``POST /_search/scroll``; ``DELETE /_search/scroll``;
 * ``POST /<index>/_delete_by_query`` with ``query``.
 
-Queries: ``bool`` (``filter`` / ``must`` lists), ``term``, ``range``
+Queries: ``bool`` (``filter`` / ``must`` lists), ``term``, ``terms``, ``range``
 (``gte`` ``gt`` ``lt`` ``lte``), ``match_all``; fields resolved through
 the index's mapping as the servers do: a ``keyword`` matches the exact
 string, a ``text`` field one of its lower-cased word tokens, a
@@ -502,6 +502,12 @@ class FakeSearch:
             clauses = [self._matcher(index, q) for key in ("filter", "must")
                        for q in (spec.get(key) or [])]
             return lambda doc: all(c(doc) for c in clauses)
+        if kind == "terms" and isinstance(spec, dict) and len(spec) == 1:
+            [(path, values)] = spec.items()
+            if not isinstance(values, list):
+                raise _bad(f"terms {spec!r}")
+            field = index.field(path)
+            return lambda doc: any(_term(field, _get(doc, path), v) for v in values)
         if kind in ("term", "range") and isinstance(spec, dict) and len(spec) == 1:
             [(path, value)] = spec.items()
             field = index.field(path)

@@ -93,6 +93,43 @@ def test_a_cloudkitty_processor_moving_the_row_makes_our_commit_stale(ck):
     assert len(ck.state_rows("p2")) == 1
 
 
+def test_a_batch_commits_around_rows_cloudkitty_moved(ck):
+    """commit_periods: one transaction, each scope in a savepoint. A scope
+    whose CloudKitty row a cloudkitty-processor moved, and a new scope whose
+    row it inserted, are refused alone: their savepoints roll our version
+    back too, and none of their points is written. The others commit, their
+    points in ONE write of the point store."""
+    storage = ck.make()
+    for scope in ("p1", "p2"):
+        rate(storage, scope, 2)
+    writes = []
+    write_many = storage.points.write_many
+
+    def recording(frames):
+        writes.append(sorted(frame.scope_id for frame in frames))
+        return write_many(frames)
+
+    storage.points.write_many = recording
+    ck.set_state("p2", at(2))  # a cloudkitty-processor rated period 2 meanwhile
+    ck.insert_state("p4", at(0))  # and rated a new scope's first period
+    results = storage.commit_periods([(priced_frame("p1", 2), 2), (priced_frame("p2", 2), 2),
+                                      (priced_frame("p3", 0), 0), (priced_frame("p4", 0), 0)])
+    assert results[0] == 3 and results[2] == 1, results
+    assert isinstance(results[1], StaleStateError), results
+    assert "CloudKitty's state row is at 2026-01-01T02:00:00+00:00" in str(results[1])
+    assert isinstance(results[3], StaleStateError), results
+    assert writes == [["p1", "p3"]]
+    assert {s: storage.get_state(s).version for s in ("p1", "p2", "p3", "p4")} == {
+        "p1": 3, "p2": 2, "p3": 1, "p4": 0}
+    assert point_keys(ck, "p2", at(2)) == [] and point_keys(ck, "p4", at(0)) == []
+    assert point_keys(ck, "p1", at(2)) and point_keys(ck, "p3", at(0))
+    assert [p.begin for p in storage.iter_periods("p2")] == [at(0), at(1)]
+    assert list(storage.iter_periods("p4")) == []
+    assert ck.state_rows("p1")[0].last_processed_timestamp == naive(at(2))
+    assert ck.state_rows("p3")[0].last_processed_timestamp == naive(at(0))
+    assert len(ck.state_rows("p4")) == 1
+
+
 def test_a_legacy_row_is_adopted_and_other_configurations_ignored(ck):
     storage = ck.make()
     legacy = ck.insert_state("p1", at(4), identity=None)  # CloudKitty's create_scope

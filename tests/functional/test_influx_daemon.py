@@ -194,14 +194,16 @@ def test_two_workers_write_the_sql_backends_rows_to_influxdb(tmp_path, dataset, 
 
 #: the fault plan of the kill run
 KILL_EVERY = 1.5  # seconds between two SIGKILLs from outside
-COMMIT_FAULT = 9  # each worker life SIGKILLs itself inside its 9th commit
+#: each worker life SIGKILLs itself inside its 6th commit transaction (a
+#: batched commit holds several scopes' periods: about 100 transactions a run)
+COMMIT_FAULT = 6
 
 
 def test_workers_killed_again_and_again_leave_no_duplicate_or_missing_point(
         tmp_path, dataset, reference, influxdb_database):
     """Acceptance 2: the same run, slowed by a Prometheus answering in 50
     ms, while workers are SIGKILLed every 1.5 s at random and each worker
-    life SIGKILLs itself inside its 9th commit (after the points write,
+    life SIGKILLs itself inside its 6th commit (after the points write,
     before the SQL COMMIT). The --oneshot run must end by itself; InfluxDB
     then holds exactly the reference rows."""
     server, database = influxdb_database

@@ -212,6 +212,46 @@ def test_bulk_item_error_raises_naming_the_document(fake, store, flavour):
         store.write(frame("p1", 3, prices=("1", "2")))
 
 
+def test_write_many_sends_many_scopes_in_one_bulk(fake, store, flavour):
+    """A batched commit's write: one _bulk for the documents of every
+    frame, write_batch_size documents a request whatever their scope; a
+    refused document names its scope."""
+    store.write_many([frame(s, 0, prices=("1", "2")) for s in ("p1", "p2", "p3")])
+    [bulk] = fake.of("POST", "/ck/_bulk")
+    ids = [line["index"]["_id"] for line in bulk["body"][::2]]
+    assert len(ids) == len(set(ids)) == 6
+    assert {r.begin for s in ("p1", "p2", "p3") for r in store.read(s, at(0), at(1))} == {
+        at(0)}
+    store.batch_size = 4
+    store.write_many([frame(s, 1, prices=("1", "2", "3")) for s in ("q1", "q2")])
+    assert [len(b["body"]) // 2 for b in fake.of("POST", "/ck/_bulk")[1:]] == [4, 2]
+    fake.refuse = lambda doc: (None if doc["groupby"]["project_id"] != "r2" else (
+        429, {"type": "es_rejected_execution_exception", "reason": "queue full"}))
+    with pytest.raises(StorageError) as info:
+        store.write_many([frame(s, 2) for s in ("r1", "r2", "r3")])
+    name = "Elasticsearch" if flavour == "elasticsearch" else "OpenSearch"
+    assert str(info.value).startswith(
+        f"{name} at {fake.url}: writing 3 points of 3 scopes (r1, r2, r3): 1 refused, the "
+        "first: document ")
+    assert "(scope r2, type instance, period 2026-01-01T02:00:00+00:00): HTTP 429" in str(
+        info.value)
+
+
+def test_delete_from_deletes_many_scopes_in_one_request(fake, store, flavour):
+    for scope in ("p1", "p2", "p3"):
+        for n in range(3):
+            store.write(frame(scope, n))
+    store.delete_from(["p1", "p3"], at(1))
+    [deleted] = fake.of("POST", "/ck/_delete_by_query")
+    field = "groupby.project_id" + (".keyword" if flavour == "opensearch" else "")
+    assert deleted["body"] == {"query": {"bool": {"filter": [
+        {"terms": {field: ["p1", "p3"]}},
+        {"range": {"start": {"gte": "2026-01-01T01:00:00+00:00"}}}]}}}
+    assert {s: sorted({r.begin for r in store.read(s, at(0), at(9))})
+            for s in ("p1", "p2", "p3")} == {
+        "p1": [at(0)], "p2": [at(0), at(1), at(2)], "p3": [at(0)]}
+
+
 def test_http_errors_and_unreachable_raise_storage_error(fake, store, free_port):
     fake.fault = lambda method, path: (503, {"error": {
         "type": "cluster_block_exception", "reason": "blocked by: [SERVICE_UNAVAILABLE]"}})

@@ -238,6 +238,88 @@ def test_a_reprocessed_period_replaces_its_points(make, raw):
     assert (period.points, period.price) == (3, D(6))
 
 
+# -- batched commits --------------------------------------------------------------
+
+def recorded_requests(storage, monkeypatch) -> list[str]:
+    """What each POST of ``storage`` to InfluxDB says it does, in order."""
+    whats: list[str] = []
+    real = storage.points.request
+
+    def request(what, method, path, **kwargs):
+        if method == "POST":
+            whats.append(what)
+        return real(what, method, path, **kwargs)
+
+    monkeypatch.setattr(storage.points, "request", request)
+    return whats
+
+
+def test_a_batch_writes_many_scopes_points_in_one_request(make, raw, monkeypatch):
+    """commit_periods: the points of every scope of the batch in one POST
+    /write (``write_batch_size`` points a request), after one DELETE for
+    the scopes whose points past the frontier must go (decided per scope
+    as commit_period decides it)."""
+    storage = make()
+    for scope in ("p1", "p2", "p3"):
+        storage.scope_taken(scope)
+    make().points.write(frame("p2", 0, ["left-by-a-dead-worker"]))
+    make().points.write(frame("p4", 0, ["another-scope"]))
+    requests = recorded_requests(storage, monkeypatch)
+    assert storage.commit_periods([(frame(s, 0, ["a", "b"]), 0)
+                                   for s in ("p1", "p2", "p3")]) == [1, 1, 1]
+    assert requests == ["deleting the points of 3 scopes (p1, p2, p3)",
+                        "writing 6 points of 3 scopes (p1, p2, p3)"]
+    for scope in ("p1", "p2", "p3"):
+        assert keys(raw(scope)) == [(ns(at(0)), "a"), (ns(at(0)), "b")]
+    assert keys(raw("p4")) == [(ns(at(0)), "another-scope")]
+
+    # the same leases: no delete; a new lease of p2 and p3: their points
+    # past the frontier are deleted first, p1's are not
+    make().points.write(frame("p1", 1, ["not-deleted-under-the-same-lease"]))
+    storage.scope_taken("p2"), storage.scope_taken("p3")
+    requests.clear()
+    assert storage.commit_periods([(frame(s, 1, ["a"]), 1)
+                                   for s in ("p1", "p2", "p3")]) == [2, 2, 2]
+    assert requests == ["deleting the points of 2 scopes (p2, p3)",
+                        "writing 3 points of 3 scopes (p1, p2, p3)"]
+    assert keys(raw("p1")) == [(ns(at(0)), "a"), (ns(at(0)), "b"), (ns(at(1)), "a"),
+                               (ns(at(1)), "not-deleted-under-the-same-lease")]
+
+    # write_batch_size splits a batch across scopes, not per scope
+    small = make(write_batch_size=4)
+    requests = recorded_requests(small, monkeypatch)
+    assert small.commit_periods([(frame(s, 0, ["a", "b", "c"]), 0)
+                                 for s in ("q1", "q2", "q3")]) == [1, 1, 1]
+    assert requests == ["deleting the points of 3 scopes (q1, q2, q3)",
+                        "writing 4 points of 2 scopes (q1, q2)",
+                        "writing 4 points of 2 scopes (q2, q3)",
+                        "writing 1 points of scope q3"]
+    assert sum(len(raw(s)) for s in ("q1", "q2", "q3")) == 9
+
+
+def test_a_write_refused_in_a_batch_fails_that_scope_alone(make, raw):
+    """InfluxDB refuses one scope's point (a field type conflict): the
+    batch is rolled back and committed scope by scope; that scope fails
+    with InfluxDB's error, its state and points unchanged; the others
+    commit."""
+    storage = make()
+    for scope in ("p1", "p2", "p3"):
+        storage.commit_period(frame(scope, 0, ["a"], metadata={"size": 1}), 0)
+    results = storage.commit_periods([
+        (frame("p1", 1, ["a"], metadata={"size": 2}), 1),
+        (frame("p2", 1, ["a"], metadata={"size": "big"}), 1),
+        (frame("p3", 1, ["a"], metadata={"size": 3}), 1)])
+    assert results[0] == 2 and results[2] == 2, results
+    assert isinstance(results[1], StorageError), results
+    assert "writing 1 points of scope p2: HTTP 400" in str(results[1])
+    assert storage.get_state("p2").version == 1
+    assert [p.begin for p in storage.iter_periods("p2")] == [at(0)]
+    assert keys(raw("p2")) == [(ns(at(0)), "a")]
+    for scope in ("p1", "p3"):
+        assert keys(raw(scope)) == [(ns(at(0)), "a"), (ns(at(1)), "a")]
+        assert [p.begin for p in storage.iter_periods(scope)] == [at(0), at(1)]
+
+
 # -- errors ----------------------------------------------------------------------
 
 def test_unreachable_influxdb_fails_the_commit_and_keeps_the_state(make, sql_url,
