@@ -68,3 +68,9 @@ class StorageError(CloudKittyProcError):
     """A point store (InfluxDB, Elasticsearch, OpenSearch) refused a request
     or could not be reached. The message names the store and what failed;
     the period is not committed and the scope state does not move."""
+
+
+class StoreUnreachableError(StorageError):
+    """A point store gave no reply (connection refused or cut, timeout):
+    every item of a batched commit would meet it, so a failed batch is not
+    committed again item by item."""

@@ -39,7 +39,7 @@ from oslo_config import cfg
 
 from cloudkitty_proc import http
 from cloudkitty_proc.dataframe import DataFrame
-from cloudkitty_proc.exceptions import StorageError
+from cloudkitty_proc.exceptions import StorageError, StoreUnreachableError
 from cloudkitty_proc.storage.base import RatedRow
 
 __all__ = ["PointStore", "as_float", "from_float", "period_seconds"]
@@ -109,13 +109,13 @@ class PointStore(abc.ABC):
                 headers: dict[str, str] | None = None,
                 ok: Sequence[int] = (200, 201, 204)) -> http.Reply:
         """One request; StorageError naming ``what`` unless the status is
-        in ``ok``."""
+        in ``ok``, StoreUnreachableError when no reply came."""
         try:
             reply = self.transport.request(method, path, params=params, body=body,
                                            headers=headers)
         except http.TransportError as exc:
-            raise StorageError(f"{self.name} at {self.transport.safe_url}: {what}: "
-                               f"{exc}") from None
+            raise StoreUnreachableError(f"{self.name} at {self.transport.safe_url}: "
+                                        f"{what}: {exc}") from None
         if reply.status not in ok:
             detail = reply.body[:300].decode("utf-8", "replace").strip().replace("\n", " ")
             raise StorageError(f"{self.name} at {self.transport.safe_url}: {what}: HTTP "

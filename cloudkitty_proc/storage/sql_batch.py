@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from cloudkitty_proc import faults
 from cloudkitty_proc.dataframe import DataFrame
+from cloudkitty_proc.exceptions import StoreUnreachableError
 from cloudkitty_proc.storage import models
 from cloudkitty_proc.storage.base import BaseStorage, check_batch
 from cloudkitty_proc.storage.sql_rows import db_now, naive
@@ -63,7 +64,8 @@ class SQLBatchCommit:
         a lock timeout on one scope, ...), it is rolled back and the items
         are committed one by one with ``commit_period``, so that a bad item
         fails alone. Should it not even begin (no connection, the SQLite
-        write lock not obtained within the busy timeout), every item gets
+        write lock not obtained within the busy timeout), or should the
+        point store give no reply (StoreUnreachableError), every item gets
         that error: one by one, each would wait as long again."""
         items = check_batch(items)
         if len(items) < 2:
@@ -83,9 +85,11 @@ class SQLBatchCommit:
         batch.sort(key=lambda item: item.frame.scope_id)
         try:
             held = self._commit_batch(batch, now)
-        except NotBegun as exc:
+        except (NotBegun, StoreUnreachableError) as exc:
+            # the database or the point store unreachable: one by one, each
+            # item would wait as long again
             for item in batch:
-                results[item.index] = exc.error
+                results[item.index] = getattr(exc, "error", exc)
             return results
         except Exception as exc:  # noqa: BLE001 - rolled back: one by one
             LOG.warning("batched commit of %d scopes failed (%s); committing them one by "

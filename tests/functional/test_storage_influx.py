@@ -12,7 +12,7 @@ import datetime
 import pytest
 
 from cloudkitty_proc.dataframe import DataFrame, DataPoint
-from cloudkitty_proc.exceptions import SchemaError, StorageError
+from cloudkitty_proc.exceptions import SchemaError, StorageError, StoreUnreachableError
 from cloudkitty_proc.storage.influx import InfluxPointStore, InfluxStorage
 from cloudkitty_proc.storage.sql import SQLStorage
 from tests.functional.test_storage_contract_influx import influx_storage
@@ -333,10 +333,20 @@ def test_unreachable_influxdb_fails_the_commit_and_keeps_the_state(make, sql_url
         with pytest.raises(StorageError, match=rf"^InfluxDB at http://127\.0\.0\.1:"
                            rf"{free_port}: .*connect"):
             down.commit_period(frame("p1", 1, ["a"]), before.version)
+        # a batch: one attempt, not one more per scope (each would fail as
+        # long); every scope gets the error, nothing moves
+        attempts = []
+        real = down.points.request
+        down.points.request = lambda *a, **k: attempts.append(a[0]) or real(*a, **k)
+        results = down.commit_periods([(frame("p1", 1, ["a"]), before.version),
+                                       (frame("p2", 0, ["a"]), 0), (frame("p3", 0, ["a"]), 0)])
+        assert [type(r) for r in results] == [StoreUnreachableError] * 3, results
+        assert attempts == ["deleting the points of scope p1"]
     finally:
         down.close()
     assert storage.get_state("p1") == before
     assert [p.begin for p in storage.iter_periods("p1")] == [at(0)]
+    assert storage.get_states(["p2", "p3"])["p2"].version == 0
     # InfluxDB back (the real one): the same period commits
     assert storage.commit_period(frame("p1", 1, ["a"]), before.version) == before.version + 1
 
