@@ -124,15 +124,20 @@ def _var_over_time(values: Sequence[float]) -> float:
     return (aux + c_aux) / count
 
 
-OVER_TIME: dict[str, Callable[[Sequence[float]], float]] = {
-    "avg": _avg_over_time,
-    "count": lambda values: float(len(values)),
-    "max": _max_over_time,
-    "min": _min_over_time,
-    "stddev": lambda values: _sqrt(_var_over_time(values)),
-    "stdvar": _var_over_time,
-    "sum": _sum_over_time,
-}
+Reducer = Callable[[Sequence[float]], float]
+
+
+def _reducers(avg: Reducer, max_: Reducer, min_: Reducer, var: Reducer,
+              sum_: Reducer) -> dict[str, Reducer]:
+    """The table of one family of functions, by aggregation name (count
+    and stddev derived)."""
+    return {"avg": avg, "count": lambda values: float(len(values)), "max": max_,
+            "min": min_, "stddev": lambda values: _sqrt(var(values)), "stdvar": var,
+            "sum": sum_}
+
+
+OVER_TIME = _reducers(_avg_over_time, _max_over_time, _min_over_time, _var_over_time,
+                      _sum_over_time)
 """``<agg>_over_time`` over the samples (in time order) of one series."""
 
 
@@ -185,15 +190,7 @@ def _agg_var(values: Sequence[float]) -> float:
     return total / count
 
 
-AGGREGATE: dict[str, Callable[[Sequence[float]], float]] = {
-    "avg": _agg_avg,
-    "count": lambda values: float(len(values)),
-    "max": _agg_max,
-    "min": _agg_min,
-    "stddev": lambda values: _sqrt(_agg_var(values)),
-    "stdvar": _agg_var,
-    "sum": _agg_sum,
-}
+AGGREGATE = _reducers(_agg_avg, _agg_max, _agg_min, _agg_var, _agg_sum)
 """``<agg>(...)`` across the series of one group, in Prometheus' series
 order (labels sorted, see :func:`series_sort_key`)."""
 

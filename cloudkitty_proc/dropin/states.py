@@ -44,7 +44,7 @@ from cloudkitty_proc.dropin.scope_rows import ScopeIdentity
 from cloudkitty_proc.exceptions import StaleStateError
 from cloudkitty_proc.storage import models
 from cloudkitty_proc.storage.base import ScopeState
-from cloudkitty_proc.storage.sql_batch import BatchItem, NotBegun
+from cloudkitty_proc.storage.sql_batch import BatchItem
 from cloudkitty_proc.storage.sql_read import IN_CHUNK
 from cloudkitty_proc.storage.sql_rows import db_now, naive
 
@@ -78,7 +78,7 @@ class CloudKittyStates:
     reader_engine: sa.Engine
     ck_identity: ScopeIdentity
     _advance_state: Any  # SQLStorage's
-    _store_batch_points: Any  # ExternalStorage's
+    _commit_batch_core: Any  # SQLStorage's (sql_batch.py)
 
     # -- reading ------------------------------------------------------------
     def get_state(self, scope_id: str) -> ScopeState:
@@ -157,40 +157,23 @@ class CloudKittyStates:
 
     def _commit_batch(self, batch: list[BatchItem],
                       now: datetime.datetime) -> list[bool | Exception]:
-        """The batch transaction of commit_periods (storage/sql_batch.py's
-        ``commit_periods`` around it: rows computed first, items in scope
-        order, a failed batch committed item by item with ``commit_period``).
-        Per item, in a SAVEPOINT, both compare-and-sets (an item refused is
-        rolled back to its savepoint and writes nothing); then
-        ``_store_batch_points`` with the frames of the others (the points,
-        one write), their period records and rows, and one COMMIT. Returns
-        per item True (committed) or its StaleStateError."""
-        try:
-            connection = self.engine.connect()
-        except Exception as exc:  # noqa: BLE001 - reported per item
-            raise NotBegun(exc) from exc
-        outcomes: list[bool | Exception] = []
-        period_rows: list[dict] = []
-        data_rows: list = []
-        with connection, connection.begin():  # SQLite: BEGIN IMMEDIATE
-            for item in batch:
-                savepoint = connection.begin_nested()
-                error = self._ck_advance(connection, item.frame, item.expected_version, now)
-                if error is not None:
-                    savepoint.rollback()
-                    outcomes.append(error)
-                    continue
-                savepoint.commit()
-                period_rows.append(item.period_row)
-                data_rows.extend(item.rows)
-                outcomes.append(True)
-            self._store_batch_points([item.frame for item, outcome in zip(batch, outcomes)
-                                      if outcome is True])
-            if period_rows:
-                connection.execute(_period_t.insert(), period_rows)
-            self._insert_data(connection, data_rows)
-            faults.point("during_commit")  # crash tests: rows in, not committed
-        return outcomes
+        """The batch transaction of commit_periods: storage/sql_batch.py's
+        on SQLAlchemy Core, on every database (not the SQLite fast path,
+        which knows only our state row), fenced by ``_batch_fence``."""
+        return self._commit_batch_core(batch, now)
+
+    def _batch_fence(self, connection: sa.Connection, item: BatchItem,
+                     now: datetime.datetime) -> bool | Exception:
+        """Both compare-and-sets of one item, in a SAVEPOINT: True when
+        they held, else the StaleStateError, the savepoint rolled back (our
+        version with it) so that the batch goes on."""
+        savepoint = connection.begin_nested()
+        error = self._ck_advance(connection, item.frame, item.expected_version, now)
+        if error is not None:
+            savepoint.rollback()
+            return error
+        savepoint.commit()
+        return True
 
     # -- reset ------------------------------------------------------------------
     def _ck_reset(self, scope_id: str, to: datetime.datetime | None, period: int) -> None:

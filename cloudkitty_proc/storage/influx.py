@@ -287,9 +287,13 @@ class InfluxPointStore(PointStore):
                      body=("\n".join(batch) + "\n").encode("utf-8"),
                      headers={"Content-Type": "application/octet-stream"})
 
-    def _where(self, scope_id: str, begin: datetime.datetime,
+    def _where(self, scope_ids: Sequence[str], begin: datetime.datetime,
                end: datetime.datetime | None) -> str:
-        where = (f" WHERE {_quote_ident(self.scope_key)} = {_quote_string(scope_id)}"
+        """WHERE the scope tag is one of ``scope_ids`` and the time in
+        [begin, end) (``end`` None: from ``begin`` on)."""
+        key = _quote_ident(self.scope_key)
+        scopes = " OR ".join(f"{key} = {_quote_string(s)}" for s in scope_ids)
+        where = (f" WHERE {scopes if len(scope_ids) == 1 else f'({scopes})'}"
                  f" AND time >= '{rfc3339(begin)}'")
         if end is not None:
             where += f" AND time < '{rfc3339(end)}'"
@@ -298,28 +302,23 @@ class InfluxPointStore(PointStore):
     def delete(self, scope_id: str, begin: datetime.datetime,
                end: datetime.datetime | None) -> None:
         self.query(f"deleting the points of scope {scope_id}",
-                   f"DELETE FROM {MEASUREMENT}" + self._where(scope_id, begin, end),
+                   f"DELETE FROM {MEASUREMENT}" + self._where([scope_id], begin, end),
                    post=True)
 
     def delete_from(self, scope_ids: Sequence[str], begin: datetime.datetime) -> None:
         """One DELETE for up to DELETE_SCOPES scopes (their tag equalities
         OR-ed): a batched commit's scopes, at the cost of one."""
-        key = _quote_ident(self.scope_key)
         for i in range(0, len(scope_ids), DELETE_SCOPES):
             chunk = scope_ids[i:i + DELETE_SCOPES]
-            if len(chunk) == 1:
-                self.delete(chunk[0], begin, None)
-                continue
-            scopes = " OR ".join(f"{key} = {_quote_string(s)}" for s in chunk)
             self.query(f"deleting the points of {describe_scopes(chunk)}",
-                       f"DELETE FROM {MEASUREMENT} WHERE ({scopes}) AND time >= "
-                       f"'{rfc3339(begin)}'", post=True)
+                       f"DELETE FROM {MEASUREMENT}" + self._where(chunk, begin, None),
+                       post=True)
 
     def read(self, scope_id: str, begin: datetime.datetime,
              end: datetime.datetime) -> list[RatedRow]:
         results = self.query(
             f"reading the points of scope {scope_id}",
-            f"SELECT * FROM {MEASUREMENT}" + self._where(scope_id, begin, end))
+            f"SELECT * FROM {MEASUREMENT}" + self._where([scope_id], begin, end))
         rows: list[RatedRow] = []
         for series in results[0].get("series", []) if results else []:
             columns = series["columns"]

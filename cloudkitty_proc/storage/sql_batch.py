@@ -9,6 +9,8 @@ import datetime
 import logging
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+
 from cloudkitty_proc import faults
 from cloudkitty_proc.dataframe import DataFrame
 from cloudkitty_proc.exceptions import StoreUnreachableError
@@ -115,7 +117,7 @@ class SQLBatchCommit:
         when it was committed, False when its compare-and-set was refused
         (or the StaleStateError to give it); any other error rolls the whole
         transaction back and is raised (NotBegun when it could not begin).
-        The drop-in storage has its own (dropin/states.py)."""
+        The drop-in storage always takes the Core path (dropin/states.py)."""
         return (self._commit_batch_sqlite if self.is_sqlite
                 else self._commit_batch_core)(batch, now)
 
@@ -127,6 +129,7 @@ class SQLBatchCommit:
             self._commit.begin(raw, self.sleep)
         except Exception as exc:  # noqa: BLE001 - reported per item
             raise NotBegun(exc) from exc
+
         def after_states(held: list[bool]) -> None:
             self._store_batch_points([item.frame for item, ok in zip(batch, held) if ok])
 
@@ -134,27 +137,37 @@ class SQLBatchCommit:
             (item.frame.scope_id, item.expected_version, item.rows, item.period_row)
             for item in batch], after_states)
 
+    def _batch_fence(self, connection: sa.Connection, item: BatchItem,
+                     now: datetime.datetime) -> bool | Exception:
+        """The compare-and-set of one item of ``_commit_batch_core``: True
+        when it held; when it did not, False (or the error to give the
+        item), its writes undone (a SAVEPOINT) so the batch goes on."""
+        return self._advance_state(connection, item.frame.scope_id, item.expected_version,
+                                   item.begin, now, savepoint=True)
+
     def _commit_batch_core(self, batch: list[BatchItem],
-                           now: datetime.datetime) -> list[bool]:
-        """commit_periods' transaction on PostgreSQL/MySQL (SQLAlchemy Core)."""
+                           now: datetime.datetime) -> list[bool | Exception]:
+        """commit_periods' transaction on SQLAlchemy Core (PostgreSQL,
+        MySQL; the drop-in storage on every database): ``_batch_fence`` per
+        item, then ``_store_batch_points`` with the frames whose fence held,
+        their period and rated rows, and one COMMIT."""
         try:
             connection = self.engine.connect()
         except Exception as exc:  # noqa: BLE001 - reported per item
             raise NotBegun(exc) from exc
-        held: list[bool] = []
+        held: list[bool | Exception] = []
         period_rows: list[dict] = []
         data_rows: list = []
-        with connection, connection.begin():
+        with connection, connection.begin():  # SQLite: BEGIN IMMEDIATE
             for item in batch:
-                ok = self._advance_state(connection, item.frame.scope_id,
-                                         item.expected_version, item.begin, now,
-                                         savepoint=True)
+                ok = self._batch_fence(connection, item, now)
                 held.append(ok)
-                if not ok:
+                if ok is not True:
                     continue
                 period_rows.append(item.period_row)
                 data_rows.extend(item.rows)
-            self._store_batch_points([item.frame for item, ok in zip(batch, held) if ok])
+            self._store_batch_points([item.frame for item, ok in zip(batch, held)
+                                      if ok is True])
             if period_rows:
                 connection.execute(_INSERT_PERIOD, period_rows)
             self._insert_data(connection, data_rows)
